@@ -1,0 +1,46 @@
+# The two commands of the README: `make book` and `make test`.
+# Both create .venv on first use; CI (.ci/run) calls `make test` on a clean clone.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+BOOK_FLAGS := -W -n --keep-going
+
+.PHONY: book test venv unit notebooks book-strict site chromium execute clean help
+
+help:
+	@echo "make book     build the HTML book into _build/html"
+	@echo "make test     unit tests, notebooks under nbval, strict book build, browser tests"
+	@echo "make execute  re-execute notebooks in place (NB=path to run one)"
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
+venv: $(STAMP)
+
+book: venv
+	$(BIN)/jupyter-book build . $(BOOK_FLAGS)
+
+test: venv unit notebooks book-strict
+
+unit: venv
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider
+
+notebooks: venv
+	$(BIN)/python -m pytest $(NBVAL) -q -p no:cacheprovider --durations=0 notebooks
+
+book-strict: venv
+	rm -rf _build/html
+	$(BIN)/jupyter-book build . $(BOOK_FLAGS)
+
+execute: venv
+	$(BIN)/python scripts/execute_notebooks.py $(NB)
+
+clean:
+	rm -rf _build
