@@ -30,7 +30,7 @@ book: venv
 test: venv unit notebooks book-strict
 
 unit: venv
-	$(BIN)/python -m pytest tests -q -p no:cacheprovider
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider -m "not slow"
 
 notebooks: venv
 	$(BIN)/python -m pytest $(NBVAL) -q -p no:cacheprovider --durations=0 notebooks
