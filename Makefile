@@ -27,17 +27,29 @@ venv: $(STAMP)
 book: venv
 	$(BIN)/jupyter-book build . $(BOOK_FLAGS)
 
-test: venv unit notebooks book-strict
+test: venv unit notebooks book-strict site
 
 unit: venv
-	$(BIN)/python -m pytest tests -q -p no:cacheprovider -m "not slow"
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider -m "not slow" --ignore=tests/test_site.py
 
 notebooks: venv
 	$(BIN)/python -m pytest $(NBVAL) -q -p no:cacheprovider --durations=0 notebooks
 
 book-strict: venv
-	rm -rf _build/html
+	rm -rf _build/html _build/.doctrees _build/jupyter_execute
 	$(BIN)/jupyter-book build . $(BOOK_FLAGS)
+
+# Browser tests against the built book (run after book-strict).
+site: venv chromium
+	$(BIN)/python -m pytest tests/test_site.py -q -p no:cacheprovider
+
+# Debian's Chromium for the browser tests; installed when missing and we are root.
+chromium:
+	@if [ -n "$$CHROMIUM_PATH" ] || [ -x /usr/bin/chromium ] || command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "no Chromium and no rights to install it: browser tests will skip (apt-get install chromium)"; fi
 
 execute: venv
 	$(BIN)/python scripts/execute_notebooks.py $(NB)
