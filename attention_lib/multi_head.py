@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .attention import scaled_dot_product_attention
+from .kv_cache import KVCache, cache_causal_mask
 
 __all__ = ["MultiHeadAttention"]
 
@@ -82,6 +83,7 @@ class MultiHeadAttention(nn.Module):
         value: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
+        kv_cache: "KVCache | None" = None,
     ) -> torch.Tensor:
         """Attend from ``query`` to ``key``/``value`` (default: self-attention).
 
@@ -90,11 +92,16 @@ class MultiHeadAttention(nn.Module):
             key: (B, S, kdim), default ``query``.
             value: (B, S, vdim), default ``key``.
             attn_mask: broadcastable to (B, H, L, S), SDPA convention.
-            is_causal: top-left causal mask.
+            is_causal: top-left causal mask; bottom-right with ``kv_cache``.
+            kv_cache: a :class:`attention_lib.KVCache` for incremental decoding
+                (self-attention only): the new tokens' keys and values are appended
+                to it and the queries attend to every cached position.
 
         Returns:
             (B, L, E).
         """
+        if kv_cache is not None and (key is not None or value is not None):
+            raise ValueError("kv_cache is for self-attention: pass key=None and value=None")
         key = query if key is None else key
         value = key if value is None else value
         if query.dim() != 3 or query.shape[-1] != self.embed_dim:
@@ -109,6 +116,11 @@ class MultiHeadAttention(nn.Module):
         q = self._split_heads(self.q_proj(query), self.num_heads)  # (B, H, L, hs)
         k = self._split_heads(self.k_proj(key), self.num_kv_heads)  # (B, Hkv, S, hs)
         v = self._split_heads(self.v_proj(value), self.num_kv_heads)  # (B, Hkv, S, hs)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)  # (B, Hkv, S_cached, hs): the past and the new tokens
+            if is_causal:  # the new queries are the last ones: bottom-right alignment
+                attn_mask = cache_causal_mask(q.shape[2], k.shape[2], attn_mask, q.device)
+                is_causal = False
         y = self.attn_fn(
             q, k, v,
             attn_mask=attn_mask,

@@ -24,12 +24,21 @@ def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
 
 
+def _logaddexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``log(exp(a) + exp(b))``, -inf when both are -inf, with a NaN-free gradient
+    (``torch.logaddexp``'s backward gives NaN at (-inf, -inf))."""
+    m = _finite_or_zero(torch.maximum(a, b))
+    total = torch.exp(a - m) + torch.exp(b - m)
+    return torch.where(total > 0, m + torch.log(torch.where(total > 0, total, torch.ones_like(total))), float("-inf"))
+
+
 def attention_block(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     scale: float,
     allowed: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over one block of keys, with its log-sum-exp.
 
@@ -39,6 +48,8 @@ def attention_block(
         v: (..., Lk, Dv).
         scale: multiplies the scores.
         allowed: optional bool mask broadcastable to (..., Lq, Lk), True = may attend.
+        bias: optional additive float mask broadcastable to (..., Lq, Lk), added to the
+            scaled scores (``-inf`` masks a key).
 
     Returns:
         ``(o, lse)``: o (..., Lq, Dv) in ``q``'s dtype, and lse (..., Lq) in float32
@@ -46,13 +57,17 @@ def attention_block(
     """
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     s = (q @ k.transpose(-2, -1)).to(acc_dtype) * scale  # (..., Lq, Lk)
+    if bias is not None:
+        s = s + bias.to(acc_dtype)
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
     m = _finite_or_zero(s.amax(dim=-1, keepdim=True))  # (..., Lq, 1) running max, 0 if all masked
     p = torch.exp(s - m)  # (..., Lq, Lk)
     l = p.sum(dim=-1, keepdim=True)  # (..., Lq, 1)
     o = (p.to(v.dtype) @ v).to(acc_dtype) / torch.where(l > 0, l, torch.ones_like(l))
-    lse = (m + torch.log(l)).squeeze(-1)  # log(0) = -inf for fully masked rows
+    # log(0) = -inf for fully masked rows, written so that the backward has no 0/0
+    lse = torch.where(l > 0, m + torch.log(torch.where(l > 0, l, torch.ones_like(l))), float("-inf"))
+    lse = lse.squeeze(-1)  # (..., Lq)
     return o.to(q.dtype), lse
 
 
@@ -68,7 +83,7 @@ def merge_attention(
     Returns:
         ``(o, lse)`` as if attention had been computed over both blocks at once.
     """
-    lse = torch.logaddexp(lse_a, lse_b)  # (..., L)
+    lse = _logaddexp(lse_a, lse_b)  # (..., L)
     lse_safe = _finite_or_zero(lse)
     w_a = torch.exp(lse_a - lse_safe).unsqueeze(-1)  # (..., L, 1); 0 where lse_a = -inf
     w_b = torch.exp(lse_b - lse_safe).unsqueeze(-1)

@@ -1,0 +1,168 @@
+"""chunked_attention (Rabe & Staats 2021) against the float64 oracle, forward and backward.
+
+Chunk sizes are chosen so that they do not divide the lengths, and small enough that
+every test crosses several query and key chunks.
+"""
+
+from functools import partial
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attention_lib import attention_ref, chunked_attention, peak_memory, scaled_dot_product_attention
+from helpers import MASKS, assert_matches_ref, dense_mask, make_qkv
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+LENGTHS = [(1, 1), (7, 9), (97, 33), (33, 129)]
+HEAD_DIMS = [16, 64, 80]
+
+
+def chunked(q_chunk=5, kv_chunk=7):
+    return partial(chunked_attention, q_chunk=q_chunk, kv_chunk=kv_chunk)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("Lq,Lk", LENGTHS)
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_grid(dtype, Lq, Lk, is_causal):
+    D = HEAD_DIMS[(Lq + Lk) % 3]  # every head dim appears; the full product is in test_grid_full
+    q, k, v = make_qkv(2, 2, Lq, Lk, D, dtype=dtype)
+    assert_matches_ref(chunked(16, 24), q, k, v, is_causal=is_causal)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("Lq,Lk", LENGTHS + [(129, 97), (128, 128)])
+@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("chunks", [(1, 1), (5, 7), (32, 64), (1024, 4096)])
+def test_grid_full(dtype, Lq, Lk, D, is_causal, chunks):
+    q, k, v = make_qkv(2, 2, Lq, Lk, D, dtype=dtype)
+    assert_matches_ref(chunked(*chunks), q, k, v, is_causal=is_causal)
+
+
+@pytest.mark.parametrize("mask_name", list(MASKS))
+@pytest.mark.parametrize("Lq,Lk", [(7, 9), (13, 6)])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_every_mask(mask_name, Lq, Lk, kind):
+    q, k, v = make_qkv(3, 2, Lq, Lk, 16)
+    mask = dense_mask(mask_name, 3, Lq, Lk)
+    if mask is not None and kind == "float":
+        mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    assert_matches_ref(chunked(4, 3), q, k, v, attn_mask=mask)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mask_name", list(MASKS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_every_mask_low_and_high_precision(mask_name, dtype):
+    q, k, v = make_qkv(3, 2, 19, 23, 16, dtype=dtype)
+    assert_matches_ref(chunked(4, 5), q, k, v, attn_mask=dense_mask(mask_name, 3, 19, 23))
+
+
+@pytest.mark.parametrize("shape", [(23,), (1, 23), (11, 1), (3, 1, 11, 23), (3, 4, 11, 23)])
+def test_additive_bias_broadcasts(shape):
+    q, k, v = make_qkv(3, 4, 11, 23, 8)
+    bias = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    assert_matches_ref(chunked(4, 5), q, k, v, attn_mask=bias)
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(4, 2), (4, 1), (6, 3), (8, 2)])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_gqa(Hq, Hkv, is_causal):
+    q, k, v = make_qkv(2, Hq, 11, 13, 16, Hkv=Hkv)
+    assert_matches_ref(chunked(4, 5), q, k, v, is_causal=is_causal, enable_gqa=True)
+
+
+def test_gqa_with_a_per_head_mask():
+    q, k, v = make_qkv(2, 6, 9, 10, 8, Hkv=2)
+    mask = torch.rand(2, 6, 9, 10, generator=torch.Generator().manual_seed(4)) > 0.4
+    assert_matches_ref(chunked(4, 3), q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def test_fully_masked_rows_give_zero_output_and_zero_gradient():
+    q, k, v = make_qkv(2, 2, 9, 10, 8, requires_grad=True)
+    mask = torch.ones(2, 1, 9, 10, dtype=torch.bool)
+    mask[0, :, 3] = False  # one row of batch 0 sees nothing (in every key chunk)
+    mask[1] = False  # batch 1 sees nothing at all
+    out = chunked_attention(q, k, v, attn_mask=mask, q_chunk=4, kv_chunk=3)
+    assert torch.equal(out[0, :, 3], torch.zeros_like(out[0, :, 3]))
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(0)))
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert torch.equal(q.grad[0, :, 3], torch.zeros_like(q.grad[0, :, 3]))
+    assert torch.equal(q.grad[1], torch.zeros_like(q.grad[1]))
+    assert torch.equal(k.grad[1], torch.zeros_like(k.grad[1]))
+    assert torch.equal(v.grad[1], torch.zeros_like(v.grad[1]))
+
+
+def test_non_contiguous_inputs_and_value_dim():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 11, 3, 8, generator=g).transpose(1, 2)  # (B, H, L, D) view of (B, L, H, D)
+    k = torch.randn(2, 13, 3, 8, generator=g).transpose(1, 2)
+    v = torch.randn(2, 13, 3, 12, generator=g).transpose(1, 2)
+    assert_matches_ref(chunked(4, 5), q, k, v, is_causal=True)
+
+
+def test_default_chunks_and_no_grad_path():
+    q, k, v = make_qkv(1, 2, 37, 41, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(chunked_attention(q, k, v), attention_ref(q, k, v))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(dropout_p=0.1), "dropout"),
+        (dict(q_chunk=0), "q_chunk"),
+        (dict(kv_chunk=2.5), "kv_chunk"),
+        (dict(q_chunk=True), "q_chunk"),
+        (dict(scale=-1.0), "scale"),
+    ],
+)
+def test_bad_arguments_raise_value_error(kwargs, match):
+    q, k, v = make_qkv(1, 2, 5, 5, 8)
+    with pytest.raises(ValueError, match=match):
+        chunked_attention(q, k, v, **kwargs)
+
+
+def test_shape_errors_come_from_the_shared_checks():
+    q, k, v = make_qkv(1, 4, 5, 5, 8, Hkv=2)
+    with pytest.raises(ValueError, match="enable_gqa"):
+        chunked_attention(q, k, v)
+
+
+def test_memory_is_far_below_naive_forward_and_backward():
+    L = 1024
+    q, k, v = make_qkv(1, 1, L, L, 64)
+    naive = peak_memory(scaled_dot_product_attention, q, k, v)[1]
+    ours = peak_memory(chunked(128, 256), q, k, v)[1]
+    assert naive >= L * L * 4  # at least the score matrix
+    assert ours * 10 < naive, f"chunked forward peak {ours} B vs naive {naive} B"
+
+    def train_step(f):
+        qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+        out = f(qg, kg, vg)
+        out.backward(torch.ones_like(out))
+        return out
+
+    naive_train = peak_memory(train_step, scaled_dot_product_attention)[1]
+    ours_train = peak_memory(train_step, chunked(128, 256))[1]
+    assert ours_train * 5 < naive_train, f"chunked training peak {ours_train} B vs naive {naive_train} B"
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    B=st.integers(1, 2), Hkv=st.integers(1, 2), rep=st.integers(1, 3),
+    Lq=st.integers(1, 24), Lk=st.integers(1, 24), D=st.sampled_from([1, 4, 8]),
+    q_chunk=st.integers(1, 30), kv_chunk=st.integers(1, 30),
+    mask_name=st.sampled_from(list(MASKS)), seed=st.integers(0, 2**16),
+)
+def test_property_random_shapes_masks_and_chunks(B, Hkv, rep, Lq, Lk, D, q_chunk, kv_chunk, mask_name, seed):
+    q, k, v = make_qkv(B, Hkv * rep, Lq, Lk, D, Hkv=Hkv, seed=seed, dtype=torch.float64)
+    mask = dense_mask(mask_name, B, Lq, Lk)
+    out = chunked_attention(q, k, v, attn_mask=mask, enable_gqa=True, q_chunk=q_chunk, kv_chunk=kv_chunk)
+    torch.testing.assert_close(out, attention_ref(q, k, v, attn_mask=mask, enable_gqa=True))

@@ -1,0 +1,221 @@
+"""flash_attention (FlashAttention-2 in plain PyTorch) against the float64 oracle.
+
+Besides the usual grid (forward and gradients), the tests check what makes it
+FlashAttention: its own backward (gradcheck, no autograd graph through the tiles),
+only O and the log-sum-exp saved for the backward, and a peak memory far below naive.
+"""
+
+from functools import partial
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attention_lib import attention_ref, flash_attention, peak_memory, scaled_dot_product_attention
+from attention_lib.softmax import logsumexp
+from helpers import MASKS, assert_matches_ref, dense_mask, make_qkv
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+LENGTHS = [(1, 1), (7, 9), (97, 33), (33, 129)]
+HEAD_DIMS = [16, 64, 80]
+
+
+def flash(block_q=5, block_k=7):
+    return partial(flash_attention, block_q=block_q, block_k=block_k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("Lq,Lk", LENGTHS)
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_grid(dtype, Lq, Lk, is_causal):
+    D = HEAD_DIMS[(Lq + Lk) % 3]  # every head dim appears; the full product is in test_grid_full
+    q, k, v = make_qkv(2, 2, Lq, Lk, D, dtype=dtype)
+    assert_matches_ref(flash(16, 24), q, k, v, is_causal=is_causal)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("Lq,Lk", LENGTHS + [(129, 97), (128, 128)])
+@pytest.mark.parametrize("D", HEAD_DIMS)
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("blocks", [(1, 1), (5, 7), (32, 64), (128, 128)])
+def test_grid_full(dtype, Lq, Lk, D, is_causal, blocks):
+    q, k, v = make_qkv(2, 2, Lq, Lk, D, dtype=dtype)
+    assert_matches_ref(flash(*blocks), q, k, v, is_causal=is_causal)
+
+
+@pytest.mark.parametrize("mask_name", list(MASKS))
+@pytest.mark.parametrize("Lq,Lk", [(7, 9), (13, 6)])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_every_mask(mask_name, Lq, Lk, kind):
+    q, k, v = make_qkv(3, 2, Lq, Lk, 16)
+    mask = dense_mask(mask_name, 3, Lq, Lk)
+    if mask is not None and kind == "float":
+        mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    assert_matches_ref(flash(4, 3), q, k, v, attn_mask=mask)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mask_name", list(MASKS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_every_mask_low_and_high_precision(mask_name, dtype):
+    q, k, v = make_qkv(3, 2, 19, 23, 16, dtype=dtype)
+    assert_matches_ref(flash(4, 5), q, k, v, attn_mask=dense_mask(mask_name, 3, 19, 23))
+
+
+@pytest.mark.parametrize("shape", [(23,), (1, 23), (11, 1), (3, 1, 11, 23), (3, 4, 11, 23)])
+def test_additive_bias_broadcasts(shape):
+    q, k, v = make_qkv(3, 4, 11, 23, 8)
+    bias = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    assert_matches_ref(flash(4, 5), q, k, v, attn_mask=bias)
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(4, 2), (4, 1), (6, 3), (8, 2)])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_gqa(Hq, Hkv, is_causal):
+    q, k, v = make_qkv(2, Hq, 11, 13, 16, Hkv=Hkv)
+    assert_matches_ref(flash(4, 5), q, k, v, is_causal=is_causal, enable_gqa=True)
+
+
+def test_gqa_with_a_per_head_mask():
+    q, k, v = make_qkv(2, 6, 9, 10, 8, Hkv=2)
+    mask = torch.rand(2, 6, 9, 10, generator=torch.Generator().manual_seed(4)) > 0.4
+    assert_matches_ref(flash(4, 3), q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def test_fully_masked_rows_give_zero_output_and_zero_gradient():
+    q, k, v = make_qkv(2, 2, 9, 10, 8, requires_grad=True)
+    mask = torch.ones(2, 1, 9, 10, dtype=torch.bool)
+    mask[0, :, 3] = False  # one row of batch 0 sees nothing (in every key block)
+    mask[1] = False  # batch 1 sees nothing at all: every tile of it is skipped
+    out = flash_attention(q, k, v, attn_mask=mask, block_q=4, block_k=3)
+    assert torch.equal(out[0, :, 3], torch.zeros_like(out[0, :, 3]))
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(0)))
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert torch.equal(q.grad[0, :, 3], torch.zeros_like(q.grad[0, :, 3]))
+    assert torch.equal(q.grad[1], torch.zeros_like(q.grad[1]))
+    assert torch.equal(k.grad[1], torch.zeros_like(k.grad[1]))
+    assert torch.equal(v.grad[1], torch.zeros_like(v.grad[1]))
+
+
+@pytest.mark.parametrize(
+    "is_causal,mask_name,Hkv,blocks",
+    [(False, "none", 2, (2, 3)), (True, "none", 2, (2, 2)), (False, "padding", 1, (3, 2)), (False, "window_or_prefix", 2, (1, 4))],
+)
+def test_gradcheck_float64(is_causal, mask_name, Hkv, blocks):
+    q, k, v = make_qkv(2, 2, 5, 6, 3, Hkv=Hkv, dtype=torch.float64, requires_grad=True)
+    mask = dense_mask(mask_name, 2, 5, 6)
+    f = lambda q, k, v: flash_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True, block_q=blocks[0], block_k=blocks[1]
+    )
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def test_gradcheck_float64_through_a_float_bias():
+    q, k, v = make_qkv(2, 2, 5, 6, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(1, 2, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    bias[0, 0, 1] = float("-inf")  # one row fully masked in head 0
+    bias.requires_grad_()
+    f = lambda q, k, v, b: flash_attention(q, k, v, attn_mask=b, block_q=2, block_k=4)
+    assert torch.autograd.gradcheck(f, (q, k, v, bias))
+
+
+def test_backward_is_the_custom_function_not_autograd_through_the_tiles():
+    q, k, v = make_qkv(1, 2, 33, 40, 8, requires_grad=True)
+    out = flash_attention(q, k, v, block_q=8, block_k=8)
+    assert "FlashAttention" in type(out.grad_fn).__name__
+    # one node, straight to the leaves: no graph was recorded through the tiles
+    leaves = [fn for fn, _ in out.grad_fn.next_functions if fn is not None]
+    assert len(leaves) == 3 and all(type(fn).__name__ == "AccumulateGrad" for fn in leaves)
+
+
+def test_forward_saves_only_the_inputs_o_and_lse():
+    B, H, L, S, D = 2, 4, 50, 70, 16
+    q, k, v = make_qkv(B, H, L, S, D, Hkv=2, requires_grad=True)
+    mask = dense_mask("prefix_lm", B, L, S)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = flash_attention(q, k, v, attn_mask=mask, enable_gqa=True, block_q=16, block_k=16)
+    inputs = [t for t in (q, k, v, mask)]
+    extra = [t for t in saved if not any(t is x for x in inputs)]
+    assert len(saved) == 6, [tuple(t.shape) for t in saved]
+    assert sorted(tuple(t.shape) for t in extra) == sorted([tuple(out.shape), (B, 2, 2, L)])
+    (o_saved,) = [t for t in extra if t.shape == out.shape]
+    (lse,) = [t for t in extra if t.shape != out.shape]
+    assert torch.equal(o_saved, out)
+    # lse is the log-sum-exp of each query's scores: O(L) numbers, not O(L * S)
+    scores = (q @ k.repeat_interleave(2, dim=1).transpose(-2, -1)) * D**-0.5  # (B, H, L, S)
+    ref = logsumexp(scores.detach().masked_fill(~mask, float("-inf")))  # (B, H, L)
+    torch.testing.assert_close(lse.reshape(B, H, L), ref)
+
+
+def test_memory_is_far_below_naive_forward_and_backward():
+    L = 1024
+    q, k, v = make_qkv(1, 1, L, L, 64)
+    naive = peak_memory(scaled_dot_product_attention, q, k, v)[1]
+    ours = peak_memory(flash(128, 128), q, k, v)[1]
+    assert naive >= L * L * 4  # at least the score matrix
+    assert ours * 10 < naive, f"flash forward peak {ours} B vs naive {naive} B"
+
+    def train_step(f):
+        qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+        out = f(qg, kg, vg)
+        out.backward(torch.ones_like(out))
+        return out
+
+    naive_train = peak_memory(train_step, scaled_dot_product_attention)[1]
+    ours_train = peak_memory(train_step, flash(128, 128))[1]
+    assert ours_train * 10 < naive_train, f"flash training peak {ours_train} B vs naive {naive_train} B"
+
+
+def test_non_contiguous_inputs_and_value_dim():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 11, 3, 8, generator=g).transpose(1, 2)  # (B, H, L, D) view of (B, L, H, D)
+    k = torch.randn(2, 13, 3, 8, generator=g).transpose(1, 2)
+    v = torch.randn(2, 13, 3, 12, generator=g).transpose(1, 2)
+    assert_matches_ref(flash(4, 5), q, k, v, is_causal=True)
+
+
+def test_default_blocks_and_no_grad_path():
+    q, k, v = make_qkv(1, 2, 137, 141, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(flash_attention(q, k, v), attention_ref(q, k, v))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(dropout_p=0.1), "dropout"),
+        (dict(block_q=0), "block_q"),
+        (dict(block_k=2.5), "block_k"),
+        (dict(block_k=True), "block_k"),
+        (dict(scale=0.0), "scale"),
+    ],
+)
+def test_bad_arguments_raise_value_error(kwargs, match):
+    q, k, v = make_qkv(1, 2, 5, 5, 8)
+    with pytest.raises(ValueError, match=match):
+        flash_attention(q, k, v, **kwargs)
+
+
+def test_shape_errors_come_from_the_shared_checks():
+    q, k, v = make_qkv(1, 4, 5, 5, 8, Hkv=3)
+    with pytest.raises(ValueError, match="divisible"):
+        flash_attention(q, k, v, enable_gqa=True)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    B=st.integers(1, 2), Hkv=st.integers(1, 2), rep=st.integers(1, 3),
+    Lq=st.integers(1, 24), Lk=st.integers(1, 24), D=st.sampled_from([1, 4, 8]),
+    block_q=st.integers(1, 30), block_k=st.integers(1, 30),
+    mask_name=st.sampled_from(list(MASKS)), seed=st.integers(0, 2**16),
+)
+def test_property_random_shapes_masks_and_blocks(B, Hkv, rep, Lq, Lk, D, block_q, block_k, mask_name, seed):
+    q, k, v = make_qkv(B, Hkv * rep, Lq, Lk, D, Hkv=Hkv, seed=seed, dtype=torch.float64)
+    mask = dense_mask(mask_name, B, Lq, Lk)
+    out = flash_attention(q, k, v, attn_mask=mask, enable_gqa=True, block_q=block_q, block_k=block_k)
+    torch.testing.assert_close(out, attention_ref(q, k, v, attn_mask=mask, enable_gqa=True))
