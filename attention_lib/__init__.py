@@ -3,55 +3,32 @@
 Every attention variant is a function with the signature of
 ``torch.nn.functional.scaled_dot_product_attention`` and the layout (B, H, L, E);
 ``attention_ref`` (float64) is the oracle they are all tested against.
+Modules follow the chapters: one module per idea.
 """
 
-from . import masks
+# Foundations (chapters 1-7)
+from .softmax import logsumexp, naive_softmax, softmax
 from .attention import attention_ref, attention_weights, scaled_dot_product_attention
+from . import masks
+from .multi_head import MultiHeadAttention
+from .positional import apply_rotary, rotary_angles, sinusoidal_encoding
+
+# Efficient attention (chapters 8-11)
 from . import memory
 from .memory import peak_memory
+from .online_softmax import attention_block, merge_attention
 from .chunked import chunked_attention
 from .flash import flash_attention
-from .distributed import ring_attention
-from .multi_head import MultiHeadAttention
+from ._lazy_triton import triton_flash_attention
 from .local import sliding_window_attention
 from .linear import LinearAttentionState, linear_attention, linear_attention_step
 from .kv_cache import KVCache, cache_causal_mask, kv_cache_bytes
 from . import flex
-from .online_softmax import attention_block, merge_attention
-from .positional import apply_rotary, rotary_angles, sinusoidal_encoding
-from .softmax import logsumexp, naive_softmax, softmax
+
+# Beyond one device (chapter 13)
+from .distributed import ring_attention
 
 __version__ = "0.1.0"
-
-
-def triton_flash_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """FlashAttention-2 as a Triton kernel (chapter 9); see :mod:`attention_lib.triton_flash`.
-
-    A thin wrapper, so that ``import attention_lib`` never imports triton: the kernel
-    module is imported on the first call. Triton decides at import whether kernels
-    are compiled for the GPU or run in its interpreter (``TRITON_INTERPRET``). If the
-    inputs are on the CPU and ``TRITON_INTERPRET`` is unset, it is set to ``1`` (and
-    stays set), so CPU tensors just work, slowly: the interpreter is NumPy. This
-    works if nothing imported triton before; otherwise set ``TRITON_INTERPRET=1``
-    yourself before the first ``import triton``.
-    """
-    import importlib
-    import os
-    import sys
-
-    name = __name__ + ".triton_flash"
-    module = sys.modules.get(name)
-    if module is None:
-        on_cpu = getattr(getattr(query, "device", None), "type", None) == "cpu"
-        if on_cpu and "TRITON_INTERPRET" not in os.environ:
-            os.environ["TRITON_INTERPRET"] = "1"  # read when the module's @triton.jit run
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != "triton":
-                raise
-            raise ImportError("triton_flash_attention needs triton: pip install triton") from e
-    return module.triton_flash_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
 __all__ = [
     "scaled_dot_product_attention",

@@ -11,7 +11,7 @@ import numbers
 
 import torch
 
-__all__ = ["check_attention_args", "check_window", "repeat_kv"]
+__all__ = ["check_attention_args", "check_positive_int", "check_window", "repeat_kv"]
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -140,13 +140,16 @@ def check_attention_args(
     return float(scale)
 
 
+def check_positive_int(name: str, value) -> int:
+    """Validate a size argument (a window, a chunk or tile size): a positive integer."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
 def check_window(window) -> int:
     """Validate a sliding-window size: a positive integer (number of keys a query sees)."""
-    if isinstance(window, bool) or not isinstance(window, numbers.Integral):
-        raise ValueError(f"window must be a positive integer, got {window!r} ({type(window).__name__})")
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    return int(window)
+    return check_positive_int("window", window)
 
 
 def repeat_kv(x: torch.Tensor, num_q_heads: int) -> torch.Tensor:

@@ -69,6 +69,7 @@ __all__ = [
     "provenance",
     "write_results",
     "load_results",
+    "format_table",
     "COLUMNS",
     "main",
 ]

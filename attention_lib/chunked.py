@@ -16,12 +16,11 @@ recomputes one query chunk at a time, so training needs ``O(q_chunk · S)`` memo
 
 from __future__ import annotations
 
-import numbers
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ._checks import check_attention_args
+from ._checks import check_attention_args, check_positive_int
 from .online_softmax import attention_block, merge_attention
 
 __all__ = ["chunked_attention"]
@@ -88,11 +87,6 @@ def _query_chunk(q_c, key, value, mask_c, q_start, is_causal, scale, kv_chunk):
     return o
 
 
-def _check_chunk(name: str, size) -> int:
-    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
-        raise ValueError(f"{name} must be a positive integer, got {size!r}")
-    return int(size)
-
 
 def chunked_attention(
     query: torch.Tensor,
@@ -132,7 +126,7 @@ def chunked_attention(
         ValueError: on malformed inputs, non-positive chunk sizes, or ``dropout_p > 0``.
     """
     scale = check_attention_args(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    q_chunk, kv_chunk = _check_chunk("q_chunk", q_chunk), _check_chunk("kv_chunk", kv_chunk)
+    q_chunk, kv_chunk = check_positive_int("q_chunk", q_chunk), check_positive_int("kv_chunk", kv_chunk)
     if dropout_p > 0.0:
         raise ValueError(
             f"chunked_attention does not implement attention dropout (got dropout_p={dropout_p}); "

@@ -31,12 +31,11 @@ Memory: ``O(L · D)`` for inputs, outputs and statistics, plus one tile of
 
 from __future__ import annotations
 
-import numbers
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._checks import check_attention_args
+from ._checks import check_attention_args, check_positive_int
 
 __all__ = ["flash_attention"]
 
@@ -279,11 +278,6 @@ class _FlashAttention(torch.autograd.Function):
 # ----------------------------------------------------------------------------------
 
 
-def _check_block(name: str, size) -> int:
-    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
-        raise ValueError(f"{name} must be a positive integer, got {size!r}")
-    return int(size)
-
 
 def flash_attention(
     query: torch.Tensor,
@@ -324,7 +318,7 @@ def flash_attention(
         ValueError: on malformed inputs, non-positive block sizes, or ``dropout_p > 0``.
     """
     scale = check_attention_args(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    BLOCK_M, BLOCK_N = _check_block("block_q", block_q), _check_block("block_k", block_k)
+    BLOCK_M, BLOCK_N = check_positive_int("block_q", block_q), check_positive_int("block_k", block_k)
     if dropout_p > 0.0:
         raise ValueError(
             f"flash_attention does not implement attention dropout (got dropout_p={dropout_p}); "

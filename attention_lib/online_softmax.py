@@ -56,13 +56,23 @@ def attention_block(
         (float64 for float64 inputs). Fully masked rows give ``o = 0``, ``lse = -inf``.
     """
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    s = (q @ k.transpose(-2, -1)).to(acc_dtype) * scale  # (..., Lq, Lk)
+    # The (Lq, Lk) block is the only large tensor here: touch it as few times as
+    # possible. Scale the (smaller) queries instead of the scores when no upcast is
+    # needed, and apply the mask, the shift and exp in place. In-place is safe under
+    # autograd: none of these ops saves the scores it overwrites.
+    if q.dtype == acc_dtype:
+        s = (q * scale) @ k.transpose(-2, -1)  # (..., Lq, Lk)
+    else:
+        s = (q @ k.transpose(-2, -1)).to(acc_dtype).mul_(scale)  # (..., Lq, Lk)
     if bias is not None:
-        s = s + bias.to(acc_dtype)
+        bias = bias.to(acc_dtype)
+        s = s.add_(bias) if torch.broadcast_shapes(s.shape, bias.shape) == s.shape else s + bias
     if allowed is not None:
-        s = s.masked_fill(~allowed, float("-inf"))
-    m = _finite_or_zero(s.amax(dim=-1, keepdim=True))  # (..., Lq, 1) running max, 0 if all masked
-    p = torch.exp(s - m)  # (..., Lq, Lk)
+        s = s.masked_fill_(~allowed, float("-inf")) if torch.broadcast_shapes(s.shape, allowed.shape) == s.shape else s.masked_fill(~allowed, float("-inf"))
+    # The running max only shifts the exponent; its gradient cancels exactly, so it is
+    # detached. 0 for a fully masked row.
+    m = _finite_or_zero(s.detach().amax(dim=-1, keepdim=True))  # (..., Lq, 1)
+    p = s.sub_(m).exp_()  # (..., Lq, Lk)
     l = p.sum(dim=-1, keepdim=True)  # (..., Lq, 1)
     o = (p.to(v.dtype) @ v).to(acc_dtype) / torch.where(l > 0, l, torch.ones_like(l))
     # log(0) = -inf for fully masked rows, written so that the backward has no 0/0

@@ -37,10 +37,17 @@ def test_grid(dtype, Lq, Lk, is_causal):
 @pytest.mark.parametrize("Lq,Lk", LENGTHS + [(129, 97), (128, 128)])
 @pytest.mark.parametrize("D", HEAD_DIMS)
 @pytest.mark.parametrize("is_causal", [False, True])
-@pytest.mark.parametrize("chunks", [(1, 1), (5, 7), (32, 64), (1024, 4096)])
+@pytest.mark.parametrize("chunks", [(5, 7), (32, 64), (1024, 4096)])
 def test_grid_full(dtype, Lq, Lk, D, is_causal, chunks):
     q, k, v = make_qkv(2, 2, Lq, Lk, D, dtype=dtype)
     assert_matches_ref(chunked(*chunks), q, k, v, is_causal=is_causal)
+
+
+@pytest.mark.parametrize("Lq,Lk", [(7, 9), (9, 7)])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_one_row_and_one_key_per_chunk(Lq, Lk, is_causal):
+    q, k, v = make_qkv(2, 2, Lq, Lk, 8)
+    assert_matches_ref(chunked(1, 1), q, k, v, is_causal=is_causal)
 
 
 @pytest.mark.parametrize("mask_name", list(MASKS))
