@@ -236,8 +236,10 @@ def test_command_line(tmp_path, capsys):
 
 def test_wall_clock_limit_per_submission(tmp_path):
     (res,) = grade_all(COURSEWORK / "a1_softmax" / "autograder", [str(FIXTURES / "infinite_loop.ipynb")], tmp_path,
-                       timeout=TIMEOUT, submission_timeout=6.0, progress=False)
+                       timeout=TIMEOUT, submission_timeout=4.0, progress=False)
+    # The loop costs one timeout in its notebook cell and one in the first q3 test:
+    # 2 x 3 s, more than the 4 s limit whatever the machine's speed.
     messages = "\n".join(t["output"] for t in res["tests"])
-    assert "hit the overall limit of 6 s" in messages
-    assert res["execution_time"] < 6.0 + 15.0  # the limit, plus one kernel start and kill on a loaded machine
+    assert "hit the overall limit of 4 s" in messages
+    assert res["execution_time"] < 4.0 + 15.0  # the limit, plus one kernel start and kill on a loaded machine
     assert not _kernels_of_this_process()
