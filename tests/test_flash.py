@@ -3,6 +3,9 @@
 Besides the usual grid (forward and gradients), the tests check what makes it
 FlashAttention: its own backward (gradcheck, no autograd graph through the tiles),
 only O and the log-sum-exp saved for the backward, and a peak memory far below naive.
+
+The grid shared with the other tiled variant (lengths, dtypes, masks, GQA) is in
+tests/test_tiled_variants.py.
 """
 
 from functools import partial
@@ -16,79 +19,8 @@ from attention_lib import attention_ref, flash_attention, peak_memory, scaled_do
 from attention_lib.softmax import logsumexp
 from helpers import MASKS, assert_matches_ref, dense_mask, make_qkv
 
-DTYPES = [torch.float32, torch.float64, torch.bfloat16]
-LENGTHS = [(1, 1), (7, 9), (97, 33), (33, 129)]
-HEAD_DIMS = [16, 64, 80]
-
-
 def flash(block_q=5, block_k=7):
     return partial(flash_attention, block_q=block_q, block_k=block_k)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("Lq,Lk", LENGTHS)
-@pytest.mark.parametrize("is_causal", [False, True])
-def test_grid(dtype, Lq, Lk, is_causal):
-    D = HEAD_DIMS[(Lq + Lk) % 3]  # every head dim appears; the full product is in test_grid_full
-    q, k, v = make_qkv(2, 2, Lq, Lk, D, dtype=dtype)
-    assert_matches_ref(flash(16, 24), q, k, v, is_causal=is_causal)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("Lq,Lk", LENGTHS + [(129, 97), (128, 128)])
-@pytest.mark.parametrize("D", HEAD_DIMS)
-@pytest.mark.parametrize("is_causal", [False, True])
-@pytest.mark.parametrize("blocks", [(5, 7), (32, 64), (128, 128)])
-def test_grid_full(dtype, Lq, Lk, D, is_causal, blocks):
-    q, k, v = make_qkv(2, 2, Lq, Lk, D, dtype=dtype)
-    assert_matches_ref(flash(*blocks), q, k, v, is_causal=is_causal)
-
-
-@pytest.mark.parametrize("Lq,Lk", [(7, 9), (9, 7)])
-@pytest.mark.parametrize("is_causal", [False, True])
-def test_one_row_and_one_key_per_tile(Lq, Lk, is_causal):
-    q, k, v = make_qkv(2, 2, Lq, Lk, 8)
-    assert_matches_ref(flash(1, 1), q, k, v, is_causal=is_causal)
-
-
-@pytest.mark.parametrize("mask_name", list(MASKS))
-@pytest.mark.parametrize("Lq,Lk", [(7, 9), (13, 6)])
-@pytest.mark.parametrize("kind", ["bool", "float"])
-def test_every_mask(mask_name, Lq, Lk, kind):
-    q, k, v = make_qkv(3, 2, Lq, Lk, 16)
-    mask = dense_mask(mask_name, 3, Lq, Lk)
-    if mask is not None and kind == "float":
-        mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
-    assert_matches_ref(flash(4, 3), q, k, v, attn_mask=mask)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("mask_name", list(MASKS))
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
-def test_every_mask_low_and_high_precision(mask_name, dtype):
-    q, k, v = make_qkv(3, 2, 19, 23, 16, dtype=dtype)
-    assert_matches_ref(flash(4, 5), q, k, v, attn_mask=dense_mask(mask_name, 3, 19, 23))
-
-
-@pytest.mark.parametrize("shape", [(23,), (1, 23), (11, 1), (3, 1, 11, 23), (3, 4, 11, 23)])
-def test_additive_bias_broadcasts(shape):
-    q, k, v = make_qkv(3, 4, 11, 23, 8)
-    bias = torch.randn(shape, generator=torch.Generator().manual_seed(2))
-    assert_matches_ref(flash(4, 5), q, k, v, attn_mask=bias)
-
-
-@pytest.mark.parametrize("Hq,Hkv", [(4, 2), (4, 1), (6, 3), (8, 2)])
-@pytest.mark.parametrize("is_causal", [False, True])
-def test_gqa(Hq, Hkv, is_causal):
-    q, k, v = make_qkv(2, Hq, 11, 13, 16, Hkv=Hkv)
-    assert_matches_ref(flash(4, 5), q, k, v, is_causal=is_causal, enable_gqa=True)
-
-
-def test_gqa_with_a_per_head_mask():
-    q, k, v = make_qkv(2, 6, 9, 10, 8, Hkv=2)
-    mask = torch.rand(2, 6, 9, 10, generator=torch.Generator().manual_seed(4)) > 0.4
-    assert_matches_ref(flash(4, 3), q, k, v, attn_mask=mask, enable_gqa=True)
 
 
 def test_fully_masked_rows_give_zero_output_and_zero_gradient():
