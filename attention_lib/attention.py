@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_attention_args, repeat_kv
+from ._checks import compute_dtype, repeat_kv, sdpa_inputs
 from .softmax import softmax
 
 __all__ = ["scaled_dot_product_attention", "attention_ref", "attention_weights"]
@@ -36,11 +36,21 @@ def _masked_scores(query, key, attn_mask, is_causal, scale):
     return scores
 
 
-def _attention_math(query, key, value, attn_mask, dropout_p, is_causal, scale):
-    weights = softmax(_masked_scores(query, key, attn_mask, is_causal, scale), dim=-1)  # (B, H, L, S)
+def _weights(query, key, attn_mask, is_causal, scale, dtype):
+    """softmax(Q Kᵀ · scale + mask) in ``dtype``, for 4-D inputs: (B, Hq, L, S)."""
+    q, k = query.to(dtype), repeat_kv(key.to(dtype), query.shape[1])  # (B, Hq, L|S, E)
+    return softmax(_masked_scores(q, k, attn_mask, is_causal, scale), dim=-1)
+
+
+def _sdpa_core(query, key, value, attn_mask, dropout_p, is_causal, scale, dtype=None):
+    """The 4-D core, computed in ``dtype`` (default: float32 for float16/bfloat16 inputs,
+    as PyTorch's math path does) and cast back to the inputs' dtype."""
+    dtype = compute_dtype(query.dtype) if dtype is None else dtype
+    weights = _weights(query, key, attn_mask, is_causal, scale, dtype)  # (B, Hq, L, S)
     if dropout_p > 0.0:
         weights = F.dropout(weights, p=dropout_p, training=True)
-    return weights @ value  # (B, H, L, Ev)
+    v = repeat_kv(value.to(dtype), query.shape[1])  # (B, Hq, S, Ev)
+    return (weights @ v).to(query.dtype)  # (B, Hq, L, Ev)
 
 
 def scaled_dot_product_attention(
@@ -55,27 +65,29 @@ def scaled_dot_product_attention(
 ) -> torch.Tensor:
     """Attention ``softmax(Q Kᵀ · scale + mask) V``, written out so it can be read.
 
+    Accepts what ``torch.nn.functional.scaled_dot_product_attention`` accepts (see
+    :mod:`attention_lib._checks`): leading dimensions that broadcast, any rank >= 2,
+    zero sizes, a ``CausalBias`` as ``attn_mask``.
+
     Args:
-        query: (B, Hq, L, E).
-        key: (B, Hkv, S, E); ``Hkv == Hq``, or ``Hq % Hkv == 0`` with ``enable_gqa``.
-        value: (B, Hkv, S, Ev).
-        attn_mask: broadcastable to (B, Hq, L, S). Bool: True = may attend.
-            Float (the query's dtype): added to the scores.
-        dropout_p: dropout probability applied to the attention weights.
+        query: (..., Hq, L, E).
+        key: (..., Hkv, S, E); ``Hkv == Hq`` or 1, or ``Hq % Hkv == 0`` with ``enable_gqa``.
+        value: (..., Hkv, S, Ev).
+        attn_mask: broadcastable to (..., Hq, L, S). Bool: True = may attend.
+            Float (the query's dtype or float32): added to the scores.
+        dropout_p: dropout probability applied to the attention weights, in [0, 1].
         is_causal: top-left causal mask (query ``i`` sees keys ``0..i``).
         scale: multiplies the scores; defaults to ``1/sqrt(E)``.
-        enable_gqa: allow ``Hkv < Hq`` (grouped-query attention).
+        enable_gqa: allow ``Hq % Hkv == 0`` (grouped-query attention).
 
     Returns:
-        (B, Hq, L, Ev), in the inputs' dtype.
+        (..., Hq, L, Ev), in the inputs' dtype; float16/bfloat16 are computed in float32.
 
     Raises:
-        ValueError: on inputs of the wrong rank, shape, dtype or device.
+        ValueError: on inputs PyTorch rejects, naming the argument and the shapes.
     """
-    scale = check_attention_args(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    Hq = query.shape[1]
-    key, value = repeat_kv(key, Hq), repeat_kv(value, Hq)  # (B, Hq, S, E), (B, Hq, S, Ev)
-    return _attention_math(query, key, value, attn_mask, dropout_p, is_causal, scale)
+    args = sdpa_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    return args.run(_sdpa_core)
 
 
 def attention_ref(
@@ -94,17 +106,10 @@ def attention_ref(
     It is differentiable, so gradients can be compared too. It is deterministic:
     ``dropout_p`` must be 0.
     """
-    scale = check_attention_args(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    if dropout_p != 0.0:
+    args = sdpa_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if args.dropout_p != 0.0:
         raise ValueError(f"attention_ref is deterministic: dropout_p must be 0, got {dropout_p}")
-    Hq = query.shape[1]
-    q64, k64, v64 = (t.to(torch.float64) for t in (query, key, value))
-    k64, v64 = repeat_kv(k64, Hq), repeat_kv(v64, Hq)
-    mask64 = attn_mask
-    if attn_mask is not None and attn_mask.is_floating_point():
-        mask64 = attn_mask.to(torch.float64)
-    out = _attention_math(q64, k64, v64, mask64, 0.0, is_causal, scale)
-    return out.to(query.dtype)
+    return args.run(_sdpa_core, dtype=torch.float64)
 
 
 def attention_weights(
@@ -115,11 +120,18 @@ def attention_weights(
     scale: float | None = None,
     enable_gqa: bool = False,
 ) -> torch.Tensor:
-    """The attention weights ``softmax(Q Kᵀ · scale + mask)``: (B, Hq, L, S).
+    """The attention weights ``softmax(Q Kᵀ · scale + mask)``: (..., Hq, L, S).
 
     Each row sums to 1 (or is all 0 where every key is masked). The chapters use it
     to draw heatmaps; the attention functions never materialise it for you.
+    Computed in float32 for float16/bfloat16 inputs, returned in their dtype.
     """
-    scale = check_attention_args(query, key, key, attn_mask, 0.0, is_causal, scale, enable_gqa)
-    key = repeat_kv(key, query.shape[1])
-    return softmax(_masked_scores(query, key, attn_mask, is_causal, scale), dim=-1)
+    if not isinstance(key, torch.Tensor):
+        raise ValueError(f"key must be a torch.Tensor, got {type(key).__name__}")
+    value = key.new_zeros(()).expand(*key.shape[:-1], 1)  # (..., S, 1): only its shape is used
+    args = sdpa_inputs(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa)
+    S = args.key.shape[-2]
+    if args.empty:
+        return args.zeros(S)
+    w = _weights(args.query, args.key, args.attn_mask, args.is_causal, args.scale, compute_dtype(query.dtype))
+    return args.finish(w.to(query.dtype))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ._checks import check_attention_args, check_positive_int
+from ._checks import check_no_dropout, check_positive_int, compute_dtype, sdpa_inputs
 from .online_softmax import attention_block, merge_attention
 
 __all__ = ["chunked_attention"]
@@ -88,54 +88,13 @@ def _query_chunk(q_c, key, value, mask_c, q_start, is_causal, scale, kv_chunk):
 
 
 
-def chunked_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-    *,
-    q_chunk: int = 1024,
-    kv_chunk: int = 4096,
-) -> torch.Tensor:
-    """Exact attention in ``O(q_chunk · kv_chunk)`` memory (Rabe & Staats 2021).
-
-    Same signature and semantics as ``torch.nn.functional.scaled_dot_product_attention``.
-
-    Args:
-        query: (B, Hq, L, E).
-        key: (B, Hkv, S, E); ``Hkv == Hq``, or ``Hq % Hkv == 0`` with ``enable_gqa``.
-        value: (B, Hkv, S, Ev).
-        attn_mask: broadcastable to (B, Hq, L, S); bool (True = may attend) or an
-            additive float mask. It is sliced per chunk, never expanded.
-        dropout_p: must be 0: this function does not implement attention dropout.
-        is_causal: top-left causal mask; key chunks above the diagonal are skipped.
-        scale: multiplies the scores; defaults to ``1/sqrt(E)``.
-        enable_gqa: allow ``Hkv < Hq`` (grouped-query attention).
-        q_chunk: queries per chunk; the unit of recomputation in the backward pass.
-        kv_chunk: keys per chunk.
-
-    Returns:
-        (B, Hq, L, Ev), in the inputs' dtype. Rows whose keys are all masked give 0,
-        with gradient 0.
-
-    Raises:
-        ValueError: on malformed inputs, non-positive chunk sizes, or ``dropout_p > 0``.
-    """
-    scale = check_attention_args(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    q_chunk, kv_chunk = check_positive_int("q_chunk", q_chunk), check_positive_int("kv_chunk", kv_chunk)
-    if dropout_p > 0.0:
-        raise ValueError(
-            f"chunked_attention does not implement attention dropout (got dropout_p={dropout_p}); "
-            "use scaled_dot_product_attention when training with dropout"
-        )
+def _chunked_core(query, key, value, attn_mask, dropout_p, is_causal, scale, *, q_chunk, kv_chunk):
+    """The 4-D core: query (B, Hq, L, E), key (B, Hkv, S, E), value (B, Hkv, S, Ev),
+    non-empty; returns (B, Hq, L, Ev)."""
     B, Hq, L, E = query.shape
     Hkv, S, Ev = key.shape[1], key.shape[2], value.shape[-1]
     n_rep = Hq // Hkv
-    acc_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    acc_dtype = compute_dtype(query.dtype)
     # Low precision is upcast chunk by chunk, as a GPU kernel accumulates in float32.
     q5 = query.reshape(B, Hkv, n_rep, L, E)  # (B, Hkv, n_rep, L, E): query head g*n_rep + r uses kv head g
     k5 = key.unsqueeze(2).to(acc_dtype)  # (B, Hkv, 1, S, E)
@@ -156,7 +115,50 @@ def chunked_attention(
             outs.append(checkpoint(_query_chunk, *args, use_reentrant=False))
         else:
             outs.append(_query_chunk(*args))
-    if not outs:  # L == 0
-        return query.new_zeros(B, Hq, L, Ev)
     out = torch.cat(outs, dim=-2)  # (B, Hkv, n_rep, L, Ev)
     return out.reshape(B, Hq, L, Ev).to(query.dtype)
+
+
+def chunked_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    q_chunk: int = 1024,
+    kv_chunk: int = 4096,
+) -> torch.Tensor:
+    """Exact attention in ``O(q_chunk · kv_chunk)`` memory (Rabe & Staats 2021).
+
+    Same signature and semantics as ``torch.nn.functional.scaled_dot_product_attention``,
+    and the same accepted inputs (rank >= 2, broadcast batch, zero sizes, ``CausalBias``):
+    see :mod:`attention_lib._checks`.
+
+    Args:
+        query: (..., Hq, L, E).
+        key: (..., Hkv, S, E); ``Hkv == Hq`` or 1, or ``Hq % Hkv == 0`` with ``enable_gqa``.
+        value: (..., Hkv, S, Ev).
+        attn_mask: broadcastable to (..., Hq, L, S); bool (True = may attend) or an
+            additive float mask. It is sliced per chunk, never expanded.
+        dropout_p: must be 0: this function does not implement attention dropout.
+        is_causal: top-left causal mask; key chunks above the diagonal are skipped.
+        scale: multiplies the scores; defaults to ``1/sqrt(E)``.
+        enable_gqa: allow ``Hkv < Hq`` (grouped-query attention).
+        q_chunk: queries per chunk; the unit of recomputation in the backward pass.
+        kv_chunk: keys per chunk.
+
+    Returns:
+        (..., Hq, L, Ev), in the inputs' dtype. Rows whose keys are all masked give 0,
+        with gradient 0.
+
+    Raises:
+        ValueError: on malformed inputs, non-positive chunk sizes, or ``dropout_p > 0``.
+    """
+    q_chunk, kv_chunk = check_positive_int("q_chunk", q_chunk), check_positive_int("kv_chunk", kv_chunk)
+    args = sdpa_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    check_no_dropout("chunked_attention", args.dropout_p)
+    return args.run(_chunked_core, q_chunk=q_chunk, kv_chunk=kv_chunk)

@@ -53,7 +53,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from ._checks import check_attention_args
+from ._checks import check_attention_args, check_no_dropout
 from .online_softmax import attention_block, merge_attention
 
 __all__ = [
@@ -410,12 +410,14 @@ def ring_attention(
     q_local: torch.Tensor,
     k_local: torch.Tensor,
     v_local: torch.Tensor,
-    group: dist.ProcessGroup | None = None,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
     is_causal: bool = False,
     scale: float | None = None,
-    *,
-    layout: str = "contiguous",
     enable_gqa: bool = False,
+    *,
+    group: dist.ProcessGroup | None = None,
+    layout: str = "contiguous",
 ) -> torch.Tensor:
     """Attention over a sequence split across the ranks of ``group``, by ring attention.
 
@@ -429,15 +431,18 @@ def ring_attention(
         k_local: (B, Hkv, L/N, E), this rank's keys; ``Hkv == Hq``, or ``Hq % Hkv == 0``
             with ``enable_gqa`` (only the Hkv heads travel around the ring).
         v_local: (B, Hkv, L/N, Ev), this rank's values.
-        group: the process group (default: the whole world). Every rank holds the
-            same number of positions.
+        attn_mask: must be None (SDPA's argument; ring attention takes no dense mask:
+            a mask of the full sequence would defeat the sharding).
+        dropout_p: must be 0.
         is_causal: causal mask over *global* positions (query i sees keys j <= i).
             Blocks above the diagonal are skipped.
         scale: multiplies the scores; defaults to ``1/sqrt(E)``.
+        enable_gqa: allow ``Hkv < Hq`` (grouped-query attention).
+        group: the process group (keyword-only; default: the whole world). Every
+            rank holds the same number of positions.
         layout: how the sequence was split: ``"contiguous"`` (rank r holds block r of
             N) or ``"zigzag"`` (rank r holds chunks r and 2N-1-r of 2N, which balances
             the causal work). Must match the :func:`shard_sequence` call.
-        enable_gqa: allow ``Hkv < Hq`` (grouped-query attention).
 
     Returns:
         (B, Hq, L/N, Ev), in the inputs' dtype.
@@ -446,7 +451,13 @@ def ring_attention(
         ValueError: on inputs of the wrong rank, shape, dtype or device, or an unknown layout.
         RuntimeError: if ``torch.distributed`` is not initialised.
     """
-    scale = check_attention_args(q_local, k_local, v_local, None, 0.0, is_causal, scale, enable_gqa)
+    if attn_mask is not None:
+        raise ValueError(
+            f"ring_attention takes no attn_mask (got {type(attn_mask).__name__}); use is_causal=True "
+            "for a causal mask over the global positions"
+        )
+    scale = check_attention_args(q_local, k_local, v_local, None, dropout_p, is_causal, scale, enable_gqa)
+    check_no_dropout("ring_attention", dropout_p)
     _check_layout(layout)
     if q_local.shape[2] != k_local.shape[2]:
         raise ValueError(

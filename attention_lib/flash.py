@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._checks import check_attention_args, check_positive_int
+from ._checks import check_no_dropout, check_positive_int, compute_dtype, sdpa_inputs
 
 __all__ = ["flash_attention"]
 
@@ -237,23 +237,24 @@ def _to_5d(query, key, value, attn_mask, acc_dtype):
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, attn_mask, is_causal, scale, BLOCK_M, BLOCK_N):
-        acc_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+        acc_dtype = compute_dtype(query.dtype)
         q, k, v, mask = _to_5d(query, key, value, attn_mask, acc_dtype)
         o, lse = _attn_fwd(q, k, v, mask, is_causal, scale, BLOCK_M, BLOCK_N)
         B, Hq, L, _ = query.shape
         out = o.reshape(B, Hq, L, v.shape[-1]).to(query.dtype)  # (B, Hq, L, Ev)
-        ctx.save_for_backward(query, key, value, attn_mask, out, lse)
+        # o is saved in the accumulation dtype: D = rowsum(dO ∘ O) from a float16/bfloat16
+        # copy of O would add its rounding error to every dS (PyTorch's math backward has none)
+        ctx.save_for_backward(query, key, value, attn_mask, o, lse)
         ctx.args = (is_causal, scale, BLOCK_M, BLOCK_N)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        query, key, value, attn_mask, out, lse = ctx.saved_tensors
+        query, key, value, attn_mask, o, lse = ctx.saved_tensors  # o: (B, Hkv, n_rep, L, Ev)
         is_causal, scale, BLOCK_M, BLOCK_N = ctx.args
         acc_dtype = lse.dtype
         q, k, v, mask = _to_5d(query, key, value, attn_mask, acc_dtype)
-        o = out.to(acc_dtype).reshape(q.shape[:-1] + (v.shape[-1],))  # (B, Hkv, n_rep, L, Ev)
         do = grad_out.to(acc_dtype).reshape(o.shape)  # (B, Hkv, n_rep, L, Ev)
         need_dmask = attn_mask is not None and ctx.needs_input_grad[3]
         dq, dk, dv, ds = _attn_bwd(q, k, v, mask, o, lse, do, is_causal, scale, BLOCK_M, BLOCK_N, need_dmask)
@@ -278,6 +279,11 @@ class _FlashAttention(torch.autograd.Function):
 # ----------------------------------------------------------------------------------
 
 
+def _flash_core(query, key, value, attn_mask, dropout_p, is_causal, scale, *, BLOCK_M, BLOCK_N):
+    """The 4-D core (see :func:`attention_lib._checks.sdpa_inputs`): (B, Hq, L, Ev)."""
+    return _FlashAttention.apply(query, key, value, attn_mask, is_causal, scale, BLOCK_M, BLOCK_N)
+
+
 
 def flash_attention(
     query: torch.Tensor,
@@ -294,13 +300,15 @@ def flash_attention(
 ) -> torch.Tensor:
     """Exact attention by FlashAttention-2's tiled algorithm, in plain PyTorch.
 
-    Same signature and semantics as ``torch.nn.functional.scaled_dot_product_attention``.
+    Same signature and semantics as ``torch.nn.functional.scaled_dot_product_attention``,
+    and the same accepted inputs (rank >= 2, broadcast batch, zero sizes, ``CausalBias``):
+    see :mod:`attention_lib._checks`.
 
     Args:
-        query: (B, Hq, L, E).
-        key: (B, Hkv, S, E); ``Hkv == Hq``, or ``Hq % Hkv == 0`` with ``enable_gqa``.
-        value: (B, Hkv, S, Ev).
-        attn_mask: broadcastable to (B, Hq, L, S); bool (True = may attend) or an
+        query: (..., Hq, L, E).
+        key: (..., Hkv, S, E); ``Hkv == Hq`` or 1, or ``Hq % Hkv == 0`` with ``enable_gqa``.
+        value: (..., Hkv, S, Ev).
+        attn_mask: broadcastable to (..., Hq, L, S); bool (True = may attend) or an
             additive float mask (which gets a gradient if it requires one). Tiles in
             which every element is masked are skipped.
         dropout_p: must be 0: this implementation has no attention dropout.
@@ -311,17 +319,13 @@ def flash_attention(
         block_k: ``BLOCK_N``, keys per tile.
 
     Returns:
-        (B, Hq, L, Ev), in the inputs' dtype (tiles are computed in float32 for
+        (..., Hq, L, Ev), in the inputs' dtype (tiles are computed in float32 for
         half-precision inputs). Rows whose keys are all masked give 0, with gradient 0.
 
     Raises:
         ValueError: on malformed inputs, non-positive block sizes, or ``dropout_p > 0``.
     """
-    scale = check_attention_args(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     BLOCK_M, BLOCK_N = check_positive_int("block_q", block_q), check_positive_int("block_k", block_k)
-    if dropout_p > 0.0:
-        raise ValueError(
-            f"flash_attention does not implement attention dropout (got dropout_p={dropout_p}); "
-            "use scaled_dot_product_attention when training with dropout"
-        )
-    return _FlashAttention.apply(query, key, value, attn_mask, is_causal, scale, BLOCK_M, BLOCK_N)
+    args = sdpa_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    check_no_dropout("flash_attention", args.dropout_p)
+    return args.run(_flash_core, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_attention_args, check_window, repeat_kv
+from ._checks import check_positive_int, check_window, compute_dtype, is_causal_bias, repeat_kv, sdpa_inputs
 
 __all__ = ["sliding_window_attention"]
 
@@ -42,61 +42,17 @@ def _band(x: torch.Tensor, left: int, n_blocks: int, block: int, band: int) -> t
     return x.unfold(2, band, block).transpose(-1, -2)  # (B, H, n_blocks, band, D), a view
 
 
-def sliding_window_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    window: int,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = True,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-    *,
-    block_q: int | None = None,
-) -> torch.Tensor:
-    """Attention restricted to a band of ``window`` keys, in O(L·w) time and memory.
-
-    Equal to ``scaled_dot_product_attention(query, key, value,
-    attn_mask=create_mask(sliding_window(window), ...))`` for ``is_causal=True``.
-
-    Args:
-        query: (B, Hq, L, E).
-        key: (B, Hkv, S, E); ``Hkv == Hq``, or ``Hq % Hkv == 0`` with ``enable_gqa``.
-        value: (B, Hkv, S, Ev).
-        window: how many keys each query may see, counting itself (``>= 1``).
-        attn_mask: optional extra mask broadcastable to (B, Hq, L, S), combined
-            with the band (bool: True = may attend, AND-ed; float: added). Only its
-            entries inside the band are read.
-        dropout_p: dropout probability on the attention weights.
-        is_causal: True (default): query ``i`` sees keys ``i - window < j <= i``
-            (top-left aligned, like ``masks.sliding_window``). False: the symmetric
-            band ``|i - j| < window``. Unlike SDPA, it may be combined with
-            ``attn_mask``: here it selects the shape of the band.
-        scale: multiplies the scores; defaults to ``1/sqrt(E)``.
-        enable_gqa: allow ``Hkv < Hq`` (grouped-query attention).
-        block_q: queries per block (keyword-only). The work is
-            ``L · (block_q + band)`` scores; the default ``min(128, max(16, window))``
-            balances wasted scores against per-block overhead.
-
-    Returns:
-        (B, Hq, L, Ev), in the inputs' dtype. A query with no key in its band (e.g.
-        ``i >= S + window - 1``, or everything masked) gives 0.
-
-    Raises:
-        ValueError: on bad shapes, dtypes or devices, or a ``window`` that is not a
-            positive integer.
-    """
-    window = check_window(window)
-    scale = check_attention_args(query, key, value, attn_mask, dropout_p, False, scale, enable_gqa)
+def _sliding_window_core(query, key, value, attn_mask, dropout_p, is_causal, scale, *, window, block_q):
+    """The 4-D core: query (B, Hq, L, E), key (B, Hkv, S, E), value (B, Hkv, S, Ev);
+    ``is_causal`` picks the causal band."""
+    out_dtype = query.dtype
     if block_q is None:
         block_q = min(128, max(16, window))
-    if isinstance(block_q, bool) or not isinstance(block_q, int) or block_q < 1:
-        raise ValueError(f"block_q must be a positive int, got {block_q!r}")
-
     B, Hq, L, E = query.shape
     S = key.shape[2]
-    key, value = repeat_kv(key, Hq), repeat_kv(value, Hq)  # (B, Hq, S, E), (B, Hq, S, Ev)
+    dtype = compute_dtype(query.dtype)  # float16/bfloat16 are computed in float32
+    query = query.to(dtype)
+    key, value = repeat_kv(key.to(dtype), Hq), repeat_kv(value.to(dtype), Hq)  # (B, Hq, S, E), (B, Hq, S, Ev)
     left = window - 1  # how far back a query reaches
     right = 0 if is_causal else window - 1  # how far forward
     band = block_q + left + right  # keys per block of queries
@@ -145,4 +101,66 @@ def sliding_window_attention(
         weights = F.dropout(weights, p=dropout_p, training=True)
     out = torch.einsum("bhnqk,bhnkd->bhnqd", weights, v)  # (B, H, n, bq, Ev)
     out = out.reshape(B, Hq, n_blocks * block_q, -1)  # (B, H, n·bq, Ev)
-    return out[:, :, :L]  # (B, H, L, Ev)
+    return out[:, :, :L].to(out_dtype)  # (B, H, L, Ev)
+
+
+def sliding_window_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    window: int,
+    block_q: int | None = None,
+) -> torch.Tensor:
+    """Attention restricted to a band of ``window`` keys, in O(L·w) time and memory.
+
+    SDPA's arguments, in SDPA's order and with its defaults, then its own knobs
+    (keyword-only). Equal to ``scaled_dot_product_attention(query, key, value,
+    attn_mask=create_mask(sliding_window(window), ...))`` for ``is_causal=True``.
+    Inputs are normalised as in SDPA (:mod:`attention_lib._checks`).
+
+    Args:
+        query: (..., Hq, L, E).
+        key: (..., Hkv, S, E); ``Hkv == Hq`` or 1, or ``Hq % Hkv == 0`` with ``enable_gqa``.
+        value: (..., Hkv, S, Ev).
+        attn_mask: optional extra mask broadcastable to (..., Hq, L, S), combined
+            with the band (bool: True = may attend, AND-ed; float: added). Only its
+            entries inside the band are read.
+        dropout_p: dropout probability on the attention weights.
+        is_causal: False (default, as in SDPA): the symmetric band ``|i - j| < window``
+            (Longformer). True: query ``i`` sees keys ``i - window < j <= i``
+            (top-left aligned, like ``masks.sliding_window``). Unlike SDPA, it may be
+            combined with ``attn_mask``: here it selects the shape of the band.
+        scale: multiplies the scores; defaults to ``1/sqrt(E)``.
+        enable_gqa: allow ``Hq % Hkv == 0`` (grouped-query attention).
+        window: how many keys each query may see, counting itself (``>= 1``;
+            keyword-only, required).
+        block_q: queries per block (keyword-only). The work is
+            ``L · (block_q + band)`` scores; the default ``min(128, max(16, window))``
+            balances wasted scores against per-block overhead.
+
+    Returns:
+        (..., Hq, L, Ev), in the inputs' dtype (computed in float32 for float16 and
+        bfloat16). A query with no key in its band (e.g.
+        ``i >= S + window - 1``, or everything masked) gives 0.
+
+    Raises:
+        ValueError: on bad shapes, dtypes or devices, or a ``window`` that is not a
+            positive integer.
+    """
+    window = check_window(window)
+    if block_q is not None:
+        block_q = check_positive_int("block_q", block_q)
+    # is_causal here picks the shape of the band, so it may come with an attn_mask:
+    # the front-end sees is_causal=False and the two are combined below.
+    if is_causal and is_causal_bias(attn_mask):
+        raise ValueError("attn_mask is a CausalBias: it already is the causal mask, so pass is_causal=False")
+    args = sdpa_inputs(query, key, value, attn_mask, dropout_p, False, scale, enable_gqa)
+    # (a CausalBias upper-left mask comes back as is_causal=True: the band becomes causal)
+    args = args._replace(is_causal=bool(is_causal) or args.is_causal)
+    return args.run(_sliding_window_core, window=window, block_q=block_q)

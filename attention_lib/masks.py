@@ -21,6 +21,7 @@ Causal alignment. With ``L`` queries and ``S`` keys and ``L != S``:
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -160,6 +161,16 @@ def or_masks(*mask_mods: MaskMod) -> MaskMod:
     return or_mod
 
 
+def _num_positional(fn: Callable) -> int:
+    """Positional parameters without a default: 4 for a mask_mod, 5 for a score_mod."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        raise ValueError(f"mask_mod must be a function, got {type(fn).__name__}") from None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(1 for p in params if p.kind in kinds and p.default is inspect.Parameter.empty)
+
+
 def create_mask(
     mask_mod: MaskMod,
     B: int | None,
@@ -171,7 +182,12 @@ def create_mask(
     """Materialise ``mask_mod`` as a dense bool tensor of shape (B, H, Q_LEN, KV_LEN).
 
     ``B`` or ``H`` may be ``None``, giving a dimension of size 1 that broadcasts, as in
-    ``torch.nn.attention.flex_attention.create_mask``, with which it agrees.
+    ``torch.nn.attention.flex_attention.create_mask``, with which it agrees. Like it,
+    it also takes a 5-argument *score_mod* ``score_mod(score, b, h, q_idx, kv_idx)``:
+    it is applied to scores of 0, and a pair is allowed unless the result is ``-inf``.
+
+    Raises:
+        ValueError: if ``mask_mod`` takes neither 4 nor 5 positional arguments.
     """
     B = 1 if B is None else int(B)
     H = 1 if H is None else int(H)
@@ -179,5 +195,15 @@ def create_mask(
     h = torch.arange(H, device=device).view(1, H, 1, 1)
     q = torch.arange(Q_LEN, device=device).view(1, 1, Q_LEN, 1)
     kv = torch.arange(KV_LEN, device=device).view(1, 1, 1, KV_LEN)
-    out = torch.as_tensor(mask_mod(b, h, q, kv), device=device)
+    n_args = _num_positional(mask_mod)
+    if n_args == 4:
+        out = torch.as_tensor(mask_mod(b, h, q, kv), device=device)
+    elif n_args == 5:  # a score_mod: which scores does it leave finite (or +inf)?
+        score = mask_mod(torch.zeros(B, H, Q_LEN, KV_LEN, device=device), b, h, q, kv)
+        out = ~torch.isneginf(torch.as_tensor(score, device=device))
+    else:
+        raise ValueError(
+            f"mask_mod must take 4 arguments (b, h, q_idx, kv_idx), or 5 for a score_mod "
+            f"(score, b, h, q_idx, kv_idx); got {n_args}"
+        )
     return out.to(torch.bool).expand(B, H, Q_LEN, KV_LEN).contiguous()

@@ -56,14 +56,12 @@ def attention_block(
         (float64 for float64 inputs). Fully masked rows give ``o = 0``, ``lse = -inf``.
     """
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    # Low precision is computed in float32 (q·k of float16 inputs overflows easily).
     # The (Lq, Lk) block is the only large tensor here: touch it as few times as
-    # possible. Scale the (smaller) queries instead of the scores when no upcast is
-    # needed, and apply the mask, the shift and exp in place. In-place is safe under
-    # autograd: none of these ops saves the scores it overwrites.
-    if q.dtype == acc_dtype:
-        s = (q * scale) @ k.transpose(-2, -1)  # (..., Lq, Lk)
-    else:
-        s = (q @ k.transpose(-2, -1)).to(acc_dtype).mul_(scale)  # (..., Lq, Lk)
+    # possible. Scale the (smaller) queries instead of the scores, and apply the mask,
+    # the shift and exp in place. In-place is safe under autograd: none of these ops
+    # saves the scores it overwrites.
+    s = (q.to(acc_dtype) * scale) @ k.to(acc_dtype).transpose(-2, -1)  # (..., Lq, Lk)
     if bias is not None:
         bias = bias.to(acc_dtype)
         s = s.add_(bias) if torch.broadcast_shapes(s.shape, bias.shape) == s.shape else s + bias
@@ -74,7 +72,7 @@ def attention_block(
     m = _finite_or_zero(s.detach().amax(dim=-1, keepdim=True))  # (..., Lq, 1)
     p = s.sub_(m).exp_()  # (..., Lq, Lk)
     l = p.sum(dim=-1, keepdim=True)  # (..., Lq, 1)
-    o = (p.to(v.dtype) @ v).to(acc_dtype) / torch.where(l > 0, l, torch.ones_like(l))
+    o = (p @ v.to(acc_dtype)) / torch.where(l > 0, l, torch.ones_like(l))  # (..., Lq, Dv)
     # log(0) = -inf for fully masked rows, written so that the backward has no 0/0
     lse = torch.where(l > 0, m + torch.log(torch.where(l > 0, l, torch.ones_like(l))), float("-inf"))
     lse = lse.squeeze(-1)  # (..., Lq)

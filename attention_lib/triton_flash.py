@@ -17,6 +17,8 @@ What this version adds to the tutorial, and what it inherits:
   kernel (no ``repeat_interleave``), any lengths (``Lq != Lk``, odd lengths) by
   boundary masks, head dims up to 128 (padded to a power of two), and a value
   head dim of its own. A query row whose keys are all masked gives 0, never NaN.
+  The front-end of :mod:`attention_lib._checks` turns every call PyTorch accepts
+  (rank >= 2, broadcast batch, zero sizes, ``CausalBias``) into the 4-D kernel call.
 * Tuning for the GPU: ``exp2`` with ``log2(e)`` folded into the scale, causal
   block skipping (key blocks above the diagonal are never loaded), and a loop
   split so that only the blocks that need a mask pay for it; ``triton.autotune``
@@ -44,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_attention_args
+from ._checks import check_no_dropout, sdpa_inputs
 
 __all__ = ["triton_flash_attention", "INTERPRET", "gpu_configs", "interpreter_config"]
 
@@ -76,6 +78,24 @@ def _dot(a, b, PRECISION: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _to(x, dtype: tl.constexpr):
+    """``x.to(dtype)``, rounding to nearest (ties to even), as the GPU does.
+
+    Triton 3.9's interpreter truncates float32 -> bfloat16 casts (it drops the low
+    16 bits: round toward zero), which doubles the rounding error of every
+    bfloat16 tile and output; there we round by hand on the bits. Compiled for the
+    GPU, this ``if`` vanishes and the cast is the hardware's round-to-nearest.
+    """
+    y = x.to(dtype)
+    if _INTERPRET:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)  # round half to even on bit 16
+            y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return y
 
 
 # --------------------------------------------------------------------------------------
@@ -136,7 +156,7 @@ def _attn_fwd_inner(
             V_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
             mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < Dv), other=0.0,
         )  # (BLOCK_N, BLOCK_DV)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION)
+        acc = acc * alpha[:, None] + _dot(_to(p, v.dtype), v, PRECISION)
         m_i = m_ij
     return acc, l_i, m_i
 
@@ -274,7 +294,7 @@ def _attn_fwd(
     O_base = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
     tl.store(
         O_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
-        acc.to(Out.dtype.element_ty),
+        _to(acc, Out.dtype.element_ty),
         mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < Dv),
     )
 
@@ -358,10 +378,10 @@ def _attn_bwd_dkdv_inner(
                     sT += tl.load(mask_ptrs, mask=allowed, other=0.0).to(tl.float32) * 1.4426950408889634
             sT = tl.where(allowed, sT, float("-inf"))
         pT = tl.exp2(sT - lse[None, :])  # (BLOCK_N, BLOCK_M): Pᵀ, recomputed
-        dv += _dot(pT.to(do.dtype), do, PRECISION)  # dV += Pᵀ dO
+        dv += _dot(_to(pT, do.dtype), do, PRECISION)  # dV += Pᵀ dO
         dpT = _dot(v, tl.trans(do), PRECISION)  # (BLOCK_N, BLOCK_M): (dO Vᵀ)ᵀ
         dsT = pT * (dpT - delta[None, :])  # dSᵀ, in units of the natural-log scores
-        dk += _dot(dsT.to(qT.dtype), tl.trans(qT), PRECISION)  # dK += dSᵀ Q (scale applied later)
+        dk += _dot(_to(dsT, qT.dtype), tl.trans(qT), PRECISION)  # dK += dSᵀ Q (scale applied later)
     return dk, dv
 
 
@@ -444,12 +464,12 @@ def _attn_bwd_dkdv(
     DV_base = DV + off_b.to(tl.int64) * stride_vb + off_hkv.to(tl.int64) * stride_vh
     tl.store(
         DK_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-        (dk * sm_scale).to(DK.dtype.element_ty),
+        _to(dk * sm_scale, DK.dtype.element_ty),
         mask=in_k[:, None] & (offs_d[None, :] < D),
     )
     tl.store(
         DV_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-        dv.to(DV.dtype.element_ty),
+        _to(dv, DV.dtype.element_ty),
         mask=in_k[:, None] & (offs_dv[None, :] < Dv),
     )
 
@@ -492,7 +512,7 @@ def _attn_bwd_dq_inner(
         p = tl.exp2(s - lse[:, None])  # (BLOCK_M, BLOCK_N): P, recomputed
         dp = _dot(do, vT, PRECISION)  # (BLOCK_M, BLOCK_N): dO Vᵀ
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(kT.dtype), tl.trans(kT), PRECISION)  # dQ += dS K (scale applied later)
+        dq += _dot(_to(ds, kT.dtype), tl.trans(kT), PRECISION)  # dQ += dS K (scale applied later)
     return dq
 
 
@@ -566,7 +586,7 @@ def _attn_bwd_dq(
     DQ_base = DQ + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
     tl.store(
         DQ_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-        (dq * sm_scale).to(DQ.dtype.element_ty),
+        _to(dq * sm_scale, DQ.dtype.element_ty),
         mask=in_q[:, None] & (offs_d[None, :] < D),
     )
 
@@ -655,6 +675,11 @@ class _TritonFlashAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+def _triton_core(query, key, value, attn_mask, dropout_p, is_causal, scale):
+    """The 4-D core (see :func:`attention_lib._checks.sdpa_inputs`): (B, Hq, L, Ev)."""
+    return _TritonFlashAttention.apply(query, key, value, attn_mask, is_causal, scale)
+
+
 def triton_flash_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -667,32 +692,36 @@ def triton_flash_attention(
 ) -> torch.Tensor:
     """FlashAttention-2 in Triton: ``softmax(Q Kᵀ · scale + mask) V``, forward and backward.
 
+    SDPA's signature and accepted inputs (rank >= 2, broadcast batch, zero sizes,
+    ``CausalBias``; see :mod:`attention_lib._checks`). Tiles are multiplied with
+    float16/bfloat16 ``tl.dot`` inputs and float32 accumulation; the softmax state,
+    the log-sum-exp and the gradients accumulate in float32.
+
     Args:
-        query: (B, Hq, L, E), float16, bfloat16 or float32; E <= 128.
-        key: (B, Hkv, S, E); ``Hkv == Hq``, or ``Hq % Hkv == 0`` with ``enable_gqa``.
-        value: (B, Hkv, S, Ev); Ev <= 128.
-        attn_mask: broadcastable to (B, Hq, L, S). Bool: True = may attend.
-            Float (the query's dtype): added to the scores; no gradient flows to it.
+        query: (..., Hq, L, E), float16, bfloat16 or float32; E <= 128.
+        key: (..., Hkv, S, E); ``Hkv == Hq`` or 1, or ``Hq % Hkv == 0`` with ``enable_gqa``.
+        value: (..., Hkv, S, Ev); Ev <= 128.
+        attn_mask: broadcastable to (..., Hq, L, S). Bool: True = may attend.
+            Float (the query's dtype or float32): added to the scores; no gradient flows to it.
         dropout_p: must be 0 (this kernel has no dropout).
         is_causal: top-left causal mask; key blocks past the diagonal are skipped.
         scale: multiplies the scores; defaults to ``1/sqrt(E)``.
         enable_gqa: allow ``Hkv < Hq``; the kernel maps heads, nothing is repeated.
 
     Returns:
-        (B, Hq, L, Ev), in the inputs' dtype. Rows with every key masked are 0.
+        (..., Hq, L, Ev), in the inputs' dtype. Rows with every key masked are 0.
 
     Raises:
-        ValueError: on bad shapes, dtypes or devices (see ``check_attention_args``),
+        ValueError: on bad shapes, dtypes or devices (see ``sdpa_inputs``),
             dropout, or head dims over 128.
         RuntimeError: CPU inputs in a process where triton was imported before
             ``TRITON_INTERPRET=1`` was set.
     """
-    scale = check_attention_args(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    if dropout_p != 0.0:
-        raise ValueError(f"triton_flash_attention has no dropout: dropout_p must be 0, got {dropout_p}")
+    args = sdpa_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    check_no_dropout("triton_flash_attention", args.dropout_p)
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"query, key and value must be float16, bfloat16 or float32; got {query.dtype}")
-    if query.shape[-1] > MAX_HEAD_DIM or value.shape[-1] > MAX_HEAD_DIM:
+    if args.query.shape[-1] > MAX_HEAD_DIM or args.value.shape[-1] > MAX_HEAD_DIM:
         raise ValueError(
             f"head dims up to {MAX_HEAD_DIM} are supported: query {tuple(query.shape)}, "
             f"value {tuple(value.shape)}"
@@ -704,9 +733,6 @@ def triton_flash_attention(
             "(and before attention_lib.triton_flash is imported). Set it at the top of your "
             "script or notebook, or in the shell, and restart the process."
         )
-    if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
+    if attn_mask is not None and getattr(attn_mask, "requires_grad", False) and torch.is_grad_enabled():
         raise ValueError("triton_flash_attention does not compute gradients for attn_mask")
-    if query.numel() == 0 or key.shape[2] == 0:  # nothing to launch: empty output, or no keys at all
-        out = torch.zeros(*query.shape[:-1], value.shape[-1], dtype=query.dtype, device=query.device)
-        return out + 0.0 * (query.sum() + key.sum() + value.sum())  # keeps the autograd graph
-    return _TritonFlashAttention.apply(query, key, value, attn_mask, bool(is_causal), scale)
+    return args.run(_triton_core)

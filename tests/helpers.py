@@ -79,8 +79,10 @@ def assert_matches_ref(
     """Check ``fn(q, k, v, **kwargs)`` against the float64 oracle, output and gradients.
 
     The oracle is :func:`attention_ref` on float64 copies of the inputs. The baseline
-    is :func:`scaled_dot_product_attention` in the inputs' own dtype: a variant may be
-    at most ``2 * err(baseline) + floor`` away from the oracle (flash-attention's rule).
+    is :func:`scaled_dot_product_attention` on the inputs in their own dtype (which,
+    like PyTorch's math path on CPU, computes float16/bfloat16 in float32 and rounds
+    the results): a variant may be at most ``2 * err(baseline) + floor`` away from the
+    oracle (flash-attention's rule).
     """
     floor = FLOOR[q.dtype] if floor is None else floor
 

@@ -217,3 +217,130 @@ def test_on_row_sees_every_cell_as_it_completes():
                            on_row=lambda rs: seen.append([r["variant"] for r in rs]), **TINY)
     assert seen == [["sdpa"], ["sdpa", "triton"]]
     assert [r["status"] for r in rows] == ["ok", "unavailable"]
+
+
+# --- linear attention's own FLOPs, and rows above the peak -------------------------------
+
+
+def test_linear_flops_count_its_matmuls():
+    B, H, L, D = 2, 3, 40, 8
+    assert bench.linear_flops(B, H, L, L, D) == B * H * (2 * L * D * D + 2 * L * D * D)  # φ(K)ᵀV, φ(Q)·state
+    C, n = 16, 3  # 40 tokens in chunks of 16: 3 chunks, the last one padded
+    causal = B * H * (4 * n * C * C * D + 4 * n * C * D * D)
+    assert bench.linear_flops(B, H, L, L, D, causal=True, chunk_size=C) == causal
+    assert bench.linear_flops(B, H, L, L, D, mode="fwd_bwd") == 3 * bench.linear_flops(B, H, L, L, D)
+    assert bench.linear_flops(B, H, L, L, D) < bench.flops(B, H, L, L, D)  # it does less work at D < L
+    with pytest.raises(ValueError, match="mode"):
+        bench.linear_flops(1, 1, 4, 4, 4, mode="backward")
+
+
+def test_sweep_counts_linear_with_its_own_flops():
+    rows = bench.run_sweep("cpu", variants=["linear"], measure_memory=False, causal=[False, True], **TINY)
+    for r in rows:
+        assert r["status"] == "ok"
+        assert r["flops"] == bench.linear_flops(r["B"], r["H"], r["Lq"], r["Lk"], r["D"], causal=r["causal"])
+
+
+def test_rows_above_the_matmul_peak_say_so():
+    fast = _fake("overcounted", lambda q, k, v, c: q + 1, flops_fn=lambda *a, **kw: 1e15)
+    (row,) = bench.run_sweep("cpu", variants=[fast], peak_tflops=1.0, measure_memory=False, **TINY)
+    assert row["frac_peak"] > 1 and "frac_peak > 1" in row["reason"]
+    (row,) = bench.run_sweep("cpu", variants=_sdpa()[:1], peak_tflops=1e6, measure_memory=False, **TINY)
+    assert row["frac_peak"] < 1 and "frac_peak" not in row["reason"]
+
+
+# --- the time cap, the dtype fallback, FlexAttention ------------------------------------------
+
+
+def test_deadline_stops_the_sweep_before_the_next_cell():
+    import time
+
+    rows = bench.run_sweep("cpu", variants=["sdpa", "naive"], lengths=[16, 32], head_dims=[16], heads=2,
+                           deadline=time.monotonic() - 1, progress=False)
+    assert rows == []
+    calls = []
+
+    def slow(q, k, v, causal):
+        calls.append(1)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    rows = bench.run_sweep("cpu", variants=[_fake("slow", slow)], lengths=[16, 32, 64], head_dims=[16], heads=2,
+                           deadline=time.monotonic() + 60, measure_memory=False, min_run_time=0.01, progress=False)
+    assert [r["Lq"] for r in rows] == [16, 32, 64] and calls
+
+
+def test_low_precision_dtype_falls_back_to_fp16_before_ampere(monkeypatch):
+    assert bench.low_precision_dtype("cpu") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4
+    assert bench.low_precision_dtype("cuda") == torch.float16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100/H200
+    assert bench.low_precision_dtype("cuda") == torch.bfloat16
+
+
+def test_flex_is_compiled_on_cuda_only_and_runs_eagerly_on_request():
+    (v,) = bench.get_variants("cpu", ["flex"])
+    assert v.fn is None and "CUDA only" in v.reason
+    rows = bench.run_sweep("cpu", variants=["flex", "sdpa"], flex_compile=False, causal=[False, True],
+                           measure_memory=False, **TINY)
+    assert {(r["variant"], r["status"]) for r in rows} == {("flex", "ok"), ("sdpa", "ok")}
+    (v,) = bench.get_variants("cpu", ["flex"], flex_compile=False)
+    q, k, val = (torch.randn(1, 2, 200, 16) for _ in range(3))  # 200: two blocks of 128, one partial
+    for causal in (False, True):
+        torch.testing.assert_close(v.fn(q, k, val, causal),
+                                   torch.nn.functional.scaled_dot_product_attention(q, k, val, is_causal=causal))
+
+
+# --- chapter 12's live sweep, in its GPU configuration, at tiny sizes on the CPU -----------------
+
+
+def _chapter12_cells(*ids):
+    import json
+    import pathlib
+
+    nb = json.loads((pathlib.Path(__file__).parents[1] / "notebooks" / "12_gpu_timing.ipynb").read_text())
+    by_id = {c.get("id"): "".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"}
+    return [by_id[i] for i in ids]
+
+
+def test_chapter_config_skips_only_the_python_loop_flash_at_the_largest_length():
+    cfg = bench.chapter_config("cuda", lengths=[64, 32, 128], dtype=torch.bfloat16)
+    assert cfg["lengths"] == [32, 64, 128] and cfg["max_len_python_loops"] == 64
+    assert {"triton", "sdpa_flash", "sdpa_cudnn", "flex", "flash"} <= set(cfg["variants"])
+    assert bench.chapter_config("cpu")["dtypes"] == [torch.float32]
+    flash_skip = dict(variant="flash", status="skipped", reason="L > 64 (too slow in this sweep)", Lq=128)
+    assert bench.unexpected_rows([flash_skip], cfg) == []
+    assert bench.unexpected_rows([dict(flash_skip, Lq=64)], cfg) != []  # a skip the config did not plan
+    assert bench.unexpected_rows([dict(flash_skip, variant="naive")], cfg) != []
+    assert bench.unexpected_rows([dict(flash_skip, status="error")], cfg) != []
+
+
+def test_chapter12_gpu_branch_runs_at_tiny_sizes(monkeypatch):
+    """The chapter's own cells 12.3 (sweep, checks, table, memory) with the CUDA configuration.
+
+    Run on the CPU with the GPU's variants, dtype and skip rule at tiny lengths: the
+    assertions that must hold on a GPU are the chapter's, unchanged.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    real = bench.chapter_config
+
+    def gpu_config_tiny(device):
+        cfg = real("cuda", lengths=[64, 128, 256], dtype=torch.bfloat16)
+        return dict(cfg, heads=2, head_dims=[32], min_run_time=0.01)  # tiny: the CPU runs it in seconds
+
+    monkeypatch.setattr(bench, "chapter_config", gpu_config_tiny)
+    monkeypatch.setattr(plt, "show", lambda *a, **k: plt.close("all"))
+    ns = {"__name__": "chapter12", "torch": torch}
+    setup, sweep, table, memory_check, memory_table = _chapter12_cells("c002", "c022", "c023", "c025", "c026")
+    exec(setup, ns)
+    ns.update(device=torch.device("cpu"), info=bench.provenance("cpu"), peak={"tflops": 1.0})
+    exec(sweep, ns)
+    rows = ns["rows"]
+    assert {r["status"] for r in rows if r["variant"] == "flash"} == {"ok", "skipped"}
+    assert {r["variant"] for r in rows} >= {"triton", "sdpa_cudnn", "flex", "sdpa_flash"}
+    assert all(r["dtype"] == "bfloat16" for r in rows)
+    for cell in (table, memory_check, memory_table):
+        exec(cell, ns)

@@ -35,7 +35,7 @@ def test_default_chunks_and_no_grad_path():
         (dict(q_chunk=0), "q_chunk"),
         (dict(kv_chunk=2.5), "kv_chunk"),
         (dict(q_chunk=True), "q_chunk"),
-        (dict(scale=-1.0), "scale"),
+        (dict(scale=float("nan")), "scale"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, match):

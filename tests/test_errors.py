@@ -1,26 +1,37 @@
 """Bad input gets a clear ValueError that names the argument and the shapes seen."""
 
+import os
+
 import pytest
 import torch
 
-from attention_lib import MultiHeadAttention, attention_weights, masks, scaled_dot_product_attention
+if not torch.cuda.is_available():
+    # torch.nn.attention.bias imports triton: decide its mode first (see test_triton_flash.py)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+from torch.nn.attention.bias import causal_lower_right, causal_upper_left  # noqa: E402
+
+from attention_lib import MultiHeadAttention, attention_weights, masks, scaled_dot_product_attention  # noqa: E402
 
 f32 = lambda *s: torch.randn(*s)
 Q, K, V = f32(2, 4, 5, 8), f32(2, 4, 6, 8), f32(2, 4, 6, 8)
 
-# (id, kwargs for scaled_dot_product_attention, regex the message must match)
+# (id, kwargs for scaled_dot_product_attention, regex the message must match).
+# Each is an input that torch.nn.functional.scaled_dot_product_attention rejects too
+# (test_sdpa_parity.py checks that); what it accepts (rank 3, broadcast batch, one
+# key/value head, zero sizes, scale <= 0, dropout_p=1) is tested there.
 CASES = [
-    ("query rank 3", dict(query=f32(4, 5, 8)), r"query must have rank 4.*\(4, 5, 8\)"),
-    ("key rank 5", dict(key=f32(1, 2, 4, 6, 8)), r"key must have rank 4.*\(1, 2, 4, 6, 8\)"),
-    ("value rank 2", dict(value=f32(6, 8)), r"value must have rank 4.*\(6, 8\)"),
+    ("query rank 1", dict(query=f32(8)), r"query must have rank >= 2.*\(8\)"),
+    ("key rank 1", dict(key=f32(8)), r"key must have rank >= 2.*\(8\)"),
     ("query not a tensor", dict(query=[[1.0]]), r"query must be a torch.Tensor"),
     ("integer query", dict(query=torch.ones(2, 4, 5, 8, dtype=torch.int64)), r"query must be a floating-point.*int64"),
     ("E mismatch", dict(key=f32(2, 4, 6, 16), value=f32(2, 4, 6, 16)), r"same head dim E.*\(2, 4, 5, 8\).*\(2, 4, 6, 16\)"),
-    ("batch mismatch", dict(key=f32(3, 4, 6, 8), value=f32(3, 4, 6, 8)), r"batch size mismatch.*\(3, 4, 6, 8\)"),
-    ("key/value length mismatch", dict(value=f32(2, 4, 7, 8)), r"key and value must agree.*\(2, 4, 6, 8\).*\(2, 4, 7, 8\)"),
-    ("key/value heads mismatch", dict(value=f32(2, 2, 6, 8)), r"key and value must agree"),
+    ("batch mismatch", dict(key=f32(3, 4, 6, 8), value=f32(3, 4, 6, 8)), r"batch dimensions.*do not broadcast.*\(3, 4, 6, 8\)"),
+    ("key/value length mismatch", dict(value=f32(2, 4, 7, 8)), r"key and value must agree in length.*\(2, 4, 6, 8\).*\(2, 4, 7, 8\)"),
+    ("key/value heads mismatch", dict(value=f32(2, 2, 6, 8)), r"enable_gqa=True.*value \(2, 2, 6, 8\)"),
     ("heads differ without gqa", dict(key=f32(2, 2, 6, 8), value=f32(2, 2, 6, 8)), r"enable_gqa=True.*query \(2, 4, 5, 8\)"),
-    ("heads not divisible", dict(key=f32(2, 3, 6, 8), value=f32(2, 3, 6, 8), enable_gqa=True), r"query heads \(4\) must be divisible.*heads \(3\)"),
+    ("heads not divisible", dict(key=f32(2, 3, 6, 8), value=f32(2, 3, 6, 8), enable_gqa=True), r"query heads \(4\) must be divisible.*key heads \(3\)"),
+    ("fewer query heads with gqa", dict(query=f32(2, 1, 5, 8), enable_gqa=True), r"query heads \(1\) must be divisible.*key heads \(4\)"),
+    ("gqa without a head dim", dict(query=f32(5, 8), key=f32(6, 8), value=f32(6, 8), enable_gqa=True), r"enable_gqa=True needs a head dimension"),
     ("dtype mix", dict(key=K.double()), r"one dtype.*float32.*float64"),
     ("dtype mix half", dict(value=V.half()), r"one dtype.*float16"),
     ("device mix", dict(key=K.to("meta")), r"one device.*meta"),
@@ -28,13 +39,16 @@ CASES = [
     ("mask too many dims", dict(attn_mask=torch.ones(1, 2, 4, 5, 6, dtype=torch.bool)), r"attn_mask of shape \(1, 2, 4, 5, 6\)"),
     ("mask int dtype", dict(attn_mask=torch.ones(5, 6, dtype=torch.int32)), r"attn_mask must be bool.*int32.*\(5, 6\)"),
     ("float mask dtype", dict(attn_mask=torch.zeros(5, 6, dtype=torch.float64)), r"float attn_mask.*float32.*float64"),
+    ("half mask, float query", dict(attn_mask=torch.zeros(5, 6, dtype=torch.float16)), r"float attn_mask.*float32.*float16"),
     ("mask not a tensor", dict(attn_mask=[[True]]), r"attn_mask must be a torch.Tensor"),
     ("mask and is_causal", dict(attn_mask=torch.ones(5, 6, dtype=torch.bool), is_causal=True), r"either attn_mask or is_causal"),
-    ("scale zero", dict(scale=0.0), r"scale must be > 0, got 0.0"),
-    ("scale negative", dict(scale=-0.5), r"scale must be > 0, got -0.5"),
+    ("CausalBias and is_causal", dict(attn_mask=causal_upper_left(5, 6), is_causal=True), r"CausalBias.*is_causal=False"),
+    ("CausalBias of other lengths", dict(attn_mask=causal_lower_right(4, 6)), r"CausalBias for \(L, S\) = \(4, 6\).*\(5, 6\)"),
     ("scale nan", dict(scale=float("nan")), r"scale must be a finite"),
+    ("scale inf", dict(scale=float("inf")), r"scale must be a finite"),
     ("scale string", dict(scale="1"), r"scale must be a finite"),
-    ("dropout 1", dict(dropout_p=1.0), r"dropout_p must be a float in \[0, 1\), got 1.0"),
+    ("scale 1-d tensor", dict(scale=torch.tensor([0.5])), r"scale must be a number, a 0-d.*\(1\)"),
+    ("dropout above 1", dict(dropout_p=1.5), r"dropout_p must be a float in \[0, 1\], got 1.5"),
     ("dropout negative", dict(dropout_p=-0.1), r"dropout_p"),
 ]
 
@@ -82,5 +96,7 @@ def test_mha_forward_errors():
 
 
 def test_attention_weights_checks_too():
-    with pytest.raises(ValueError, match="scale must be > 0"):
-        attention_weights(Q, K, scale=-1.0)
+    with pytest.raises(ValueError, match="scale must be a finite"):
+        attention_weights(Q, K, scale=float("nan"))
+    with pytest.raises(ValueError, match="enable_gqa=True"):
+        attention_weights(Q, f32(2, 2, 6, 8))

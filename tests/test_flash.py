@@ -65,10 +65,11 @@ def test_forward_saves_only_the_inputs_o_and_lse():
     inputs = [t for t in (q, k, v, mask)]
     extra = [t for t in saved if not any(t is x for x in inputs)]
     assert len(saved) == 6, [tuple(t.shape) for t in saved]
-    assert sorted(tuple(t.shape) for t in extra) == sorted([tuple(out.shape), (B, 2, 2, L)])
-    (o_saved,) = [t for t in extra if t.shape == out.shape]
-    (lse,) = [t for t in extra if t.shape != out.shape]
-    assert torch.equal(o_saved, out)
+    # O is saved in the accumulation dtype, grouped by key/value head: (B, Hkv, n_rep, L, Dv)
+    assert sorted(tuple(t.shape) for t in extra) == sorted([(B, 2, 2, L, D), (B, 2, 2, L)])
+    (o_saved,) = [t for t in extra if t.dim() == 5]
+    (lse,) = [t for t in extra if t.dim() == 4]
+    assert torch.equal(o_saved.reshape(out.shape), out)
     # lse is the log-sum-exp of each query's scores: O(L) numbers, not O(L * S)
     scores = (q @ k.repeat_interleave(2, dim=1).transpose(-2, -1)) * D**-0.5  # (B, H, L, S)
     ref = logsumexp(scores.detach().masked_fill(~mask, float("-inf")))  # (B, H, L)
@@ -107,7 +108,7 @@ def test_default_blocks_and_no_grad_path():
         (dict(block_q=0), "block_q"),
         (dict(block_k=2.5), "block_k"),
         (dict(block_k=True), "block_k"),
-        (dict(scale=0.0), "scale"),
+        (dict(scale=float("inf")), "scale"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, match):

@@ -48,7 +48,7 @@ def test_unfused_flex_attention_equals_the_oracle(name):
     mod = MASKS[name](3, 24, 40)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "flex_attention called without torch.compile()"
-        ours = flex.flex_attention(q, k, v, mod, compile=False, BLOCK_SIZE=16)
+        ours = flex.flex_attention(q, k, v, mask_mod=mod, compile=False, BLOCK_SIZE=16)
     ref = attention_ref(q, k, v, attn_mask=masks.create_mask(mod, 3, 2, 24, 40))
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
@@ -61,6 +61,42 @@ def test_compiled_flex_attention_runs_our_mask_mod():
     """
     q, k, v = make_qkv(1, 4, 256, 256, 32, Hkv=2)
     mod = masks.or_masks(masks.sliding_window(64), masks.prefix_lm(16))
-    out = flex.flex_attention(q, k, v, mod, enable_gqa=True)
+    out = flex.flex_attention(q, k, v, enable_gqa=True, mask_mod=mod)
     ref = attention_ref(q, k, v, attn_mask=masks.create_mask(mod, 1, 4, 256, 256), enable_gqa=True)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def _flex(*args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "flex_attention called without torch.compile()"
+        return flex.flex_attention(*args, compile=False, BLOCK_SIZE=16, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["is_causal", "bool attn_mask", "float attn_mask", "and mask_mod", "rank 3"])
+def test_sdpa_arguments_are_combined_with_the_mask_mod(kind):
+    """SDPA's arguments come first, as in every variant; mask_mod is keyword-only."""
+    q, k, v = make_qkv(2, 2, 24, 40, 16)
+    g = torch.Generator().manual_seed(2)
+    bool_mask = torch.rand(2, 1, 24, 40, generator=g) > 0.3
+    bias = torch.randn(24, 40, generator=g)
+    if kind == "is_causal":
+        got, want = _flex(q, k, v, is_causal=True), attention_ref(q, k, v, is_causal=True)
+    elif kind == "bool attn_mask":
+        got, want = _flex(q, k, v, bool_mask), attention_ref(q, k, v, bool_mask)
+    elif kind == "float attn_mask":
+        got, want = _flex(q, k, v, bias), attention_ref(q, k, v, bias)
+    elif kind == "and mask_mod":
+        mod = masks.sliding_window(5)
+        got = _flex(q, k, v, bool_mask, mask_mod=mod)
+        want = attention_ref(q, k, v, bool_mask & masks.create_mask(mod, None, None, 24, 40))
+    else:
+        got, want = _flex(q[0], k[0], v[0], is_causal=True), attention_ref(q[0], k[0], v[0], is_causal=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_mask_mod_passed_positionally_is_refused():
+    q, k, v = make_qkv(1, 1, 8, 8, 16)
+    with pytest.raises(ValueError, match="mask_mod=.*keyword-only"):
+        flex.flex_attention(q, k, v, masks.causal)
+    with pytest.raises(ValueError, match="dropout"):
+        flex.flex_attention(q, k, v, dropout_p=0.1)

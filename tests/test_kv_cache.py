@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from attention_lib import KVCache, MultiHeadAttention, cache_causal_mask, kv_cache_bytes, masks
+from attention_lib.kv_cache import quantize_absmax
 from helpers import make_qkv, max_err
 
 
@@ -62,16 +63,63 @@ def test_update_returns_everything_so_far():
 
 def test_int8_cache_error_is_small_and_bounded():
     torch.manual_seed(0)
-    k, v = make_qkv(2, 4, 64, 64, 32)[1:]
-    cache = KVCache(2, 4, 32, quantize="int8")
+    k, v = make_qkv(2, 4, 70, 70, 32)[1:]
+    cache = KVCache(2, 4, 32, quantize="int8", group_size=32)
     ks, vs = cache.update(k, v)
-    # symmetric absmax: |x - x̂| <= scale / 2 = max|x| / 254, per head and position
-    bound = k.abs().amax(dim=-1, keepdim=True) / 254
-    assert ((ks - k).abs() <= bound * (1 + 1e-5)).all()
+    # keys: symmetric absmax per channel over each group of 32 positions, |k - k̂| <= scale / 2
+    groups = k[:, :, :64].unflatten(2, (2, 32))  # (B, H, 2, 32, D)
+    bound = (groups.abs().amax(dim=-2, keepdim=True) / 254).expand_as(groups).flatten(2, 3)
+    assert ((ks[:, :, :64] - k[:, :, :64]).abs() <= bound * (1 + 1e-5)).all()
+    assert not torch.equal(ks[:, :, :64], k[:, :, :64])
+    assert torch.equal(ks[:, :, 64:], k[:, :, 64:])  # the incomplete group stays in full precision
+    # values: per token, over the head dim
+    vbound = v.abs().amax(dim=-1, keepdim=True) / 254
+    assert ((vs - v).abs() <= vbound * (1 + 1e-5)).all()
     rel = ((vs - v).norm() / v.norm()).item()
     assert 0 < rel < 0.01
-    # one byte per value plus one float32 scale per (head, position) for K and for V
-    assert cache.nbytes == 2 * 4 * 64 * (32 + 32 + 2 * 4)
+    # bytes: 1 per code, float32 scales: one per value vector, D per key group, 6 keys in float32
+    assert cache.nbytes == 2 * 4 * (70 * (32 + 32) + 70 * 4 + 2 * 32 * 4 + 6 * 32 * 3)
+
+
+def test_int8_keys_are_per_channel_so_an_outlier_channel_costs_nothing_elsewhere():
+    # KIVI's observation: a few key channels are large for every token. Per-channel
+    # scales keep the other channels' error at their own scale; per-token would not.
+    torch.manual_seed(0)
+    k = torch.randn(1, 2, 64, 16)
+    k[..., 3] *= 50  # an outlier channel
+    cache = KVCache(1, 2, 16, quantize="int8", group_size=32)
+    ks, _ = cache.update(k, torch.randn(1, 2, 64, 16))
+    ordinary = [c for c in range(16) if c != 3]
+    rel = ((ks - k)[..., ordinary].norm() / k[..., ordinary].norm()).item()
+    per_token = k.abs().amax(dim=-1, keepdim=True) / 127 * torch.round(k / (k.abs().amax(dim=-1, keepdim=True) / 127))
+    rel_token = ((per_token - k)[..., ordinary].norm() / k[..., ordinary].norm()).item()
+    assert rel < 0.01 < rel_token
+
+
+@pytest.mark.parametrize("group_size", [1, 4, 5])
+def test_int8_cache_is_the_same_streamed_or_at_once(group_size):
+    # groups are fixed by position: decoding one token at a time stores what one update stores
+    torch.manual_seed(0)
+    k, v = make_qkv(1, 2, 23, 23, 8)[1:]
+    at_once = KVCache(1, 2, 8, quantize="int8", group_size=group_size, capacity=1)
+    at_once.update(k, v)
+    streamed = KVCache(1, 2, 8, quantize="int8", group_size=group_size, capacity=1)
+    for t in range(0, 23, 3):
+        ks, vs = streamed.update(k[:, :, t : t + 3], v[:, :, t : t + 3])
+    assert torch.equal(ks, at_once.keys()) and torch.equal(vs, at_once.values())
+    assert ks.shape == (1, 2, 23, 8) and streamed.capacity % group_size == 0
+    assert streamed.nbytes == at_once.nbytes
+
+
+def test_quantize_absmax():
+    x = torch.tensor([[0.0, 0.0], [1.0, -2.0]])
+    codes, scale = quantize_absmax(x, dim=-1, bits=8)
+    assert codes.tolist() == [[0, 0], [64, -127]]
+    torch.testing.assert_close(scale, torch.tensor([[0.0], [2 / 127]]))
+    codes, scale = quantize_absmax(x, dim=-2, bits=4)  # per channel, levels -7..7
+    assert codes.tolist() == [[0, 0], [7, -7]]
+    with pytest.raises(ValueError, match="bits"):
+        quantize_absmax(x, dim=-1, bits=1)
 
 
 def test_int8_cache_decoding_is_close():
@@ -110,6 +158,8 @@ def test_bad_inputs_raise():
         cache.update(torch.zeros(1, 2, 1, 8, dtype=torch.float64), torch.zeros(1, 2, 1, 8, dtype=torch.float64))
     with pytest.raises(ValueError, match="quantize"):
         KVCache(1, 2, 8, quantize="int4")
+    with pytest.raises(ValueError, match="group_size"):
+        KVCache(1, 2, 8, quantize="int8", group_size=0)
     mha = MultiHeadAttention(16, 2)
     x = torch.zeros(1, 3, 16)
     with pytest.raises(ValueError, match="self-attention"):

@@ -92,3 +92,38 @@ def test_property_masks_against_definitions(L, S, w, p):
     # every row of a causal window sees min(i + 1, w) keys when S >= L
     if S >= L:
         assert dense(masks.sliding_window(w)).sum(-1).tolist() == [min(r + 1, w) for r in range(L)]
+
+
+# score_mods (score, b, h, q_idx, kv_idx) -> score, in the style of the ones in PyTorch's
+# test/inductor/test_flex_attention.py: create_mask keeps the pairs whose score is not -inf
+SCORE_MODS = {
+    "causal as -inf": lambda score, b, h, q, kv: torch.where(q >= kv, score, float("-inf")),
+    "relative bias": lambda score, b, h, q, kv: score + (q - kv),  # never -inf: everything allowed
+    "alibi per head, banded": lambda score, b, h, q, kv: torch.where(
+        (q - kv).abs() <= h + 1, score - (h + 1) * (q - kv).abs(), float("-inf")),
+    "batch 0 sees nothing": lambda score, b, h, q, kv: torch.where(b > 0, score, float("-inf")),
+    "+inf is allowed": lambda score, b, h, q, kv: torch.where(q == kv, float("inf"), score),
+}
+
+
+@pytest.mark.parametrize("name", list(SCORE_MODS))
+@pytest.mark.parametrize("B,H", [(None, None), (2, 3)])
+def test_score_mod_agrees_with_flex_create_mask(name, B, H):
+    mod = SCORE_MODS[name]
+    ours = masks.create_mask(mod, B, H, 7, 9)
+    theirs = flex_create_mask(mod, B, H, 7, 9, device="cpu")
+    assert ours.dtype == torch.bool and ours.shape == theirs.shape
+    assert torch.equal(ours, theirs)
+
+
+def test_create_mask_rejects_other_arities():
+    with pytest.raises(ValueError, match="4 arguments.*5 for a score_mod.*got 3"):
+        masks.create_mask(lambda b, q, kv: q >= kv, None, None, 3, 3)
+    with pytest.raises(ValueError, match="mask_mod must be a function"):
+        masks.create_mask(3, None, None, 3, 3)
+
+
+def test_create_mask_ignores_parameters_with_defaults():
+    """As PyTorch counts them: parameters with defaults do not count."""
+    mod = lambda b, h, q, kv, offset=1: q + offset >= kv  # noqa: E731
+    assert torch.equal(masks.create_mask(mod, None, None, 3, 4), flex_create_mask(mod, None, None, 3, 4, device="cpu"))

@@ -37,3 +37,12 @@ def test_low_precision_block_keeps_float32_statistics():
     q, k, v = make_qkv(1, 1, 5, 5, 16, dtype=torch.bfloat16)
     o, lse = attention_block(q, k, v, 0.25)
     assert o.dtype == torch.bfloat16 and lse.dtype == torch.float32
+
+
+def test_float16_block_computes_its_scores_in_float32():
+    """q·k = 256 · 256 · 80 overflows float16 (max 65504): the block must not form float16 scores."""
+    x = torch.full((1, 2, 7, 80), 256.0, dtype=torch.float16)
+    o, lse = attention_block(x, x, x, 80**-0.5)
+    assert torch.isfinite(o).all() and torch.isfinite(lse).all()
+    assert torch.equal(o, x)  # every key is the same: the output is that value
+    torch.testing.assert_close(lse, torch.full_like(lse, 256.0 * 256.0 * 80**0.5 + torch.log(torch.tensor(7.0)).item()))

@@ -13,6 +13,7 @@ single launch (``_results``), and the tests read from it.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import subprocess
 import sys
@@ -215,6 +216,14 @@ def test_errors_at_the_boundary():
         ring_attention(q, q[:, :1], q[:, :1])
     with pytest.raises(ValueError, match="divisible"):
         shard_sequence(torch.randn(1, 1, 10, 2), 0, 3)
+    # SDPA's signature: attn_mask and dropout_p come fourth and fifth; group is keyword-only
+    with pytest.raises(ValueError, match="no attn_mask"):
+        ring_attention(q, q, q, torch.ones(6, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match="no attn_mask"):
+        ring_attention(q, q, q, object())  # e.g. a process group passed where group used to be
+    with pytest.raises(ValueError, match="dropout"):
+        ring_attention(q, q, q, None, 0.1)
+    assert inspect.signature(ring_attention).parameters["group"].kind is inspect.Parameter.KEYWORD_ONLY
     with pytest.raises(RuntimeError, match="torch.distributed"):
         ring_attention(q, q, q)  # valid arguments, but no process group
 

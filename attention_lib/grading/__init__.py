@@ -6,13 +6,15 @@ In a student notebook::
     check = checker("a1_softmax")
     check("q1")          # runs the public checks of question 1 on this notebook's functions
 
-For instructors (see book/coursework.md)::
+This package is the student side only: the public checks (``public.py``) and the
+helpers that checks are written with (``testing.py``). The instructors' autograder,
+with the hidden tests, the sandbox and Gradescope, is its own package,
+``attention_grader`` in ``grader/`` (see book/coursework.md)::
 
-    python -m attention_lib.grading assign coursework/a1_softmax/master.ipynb out/
-    python -m attention_lib.grading grade out/autograder submissions/*.ipynb --timeout 30
+    python -m attention_grader assign coursework/a1_softmax/master.ipynb out/
+    python -m attention_grader grade out/autograder submissions/*.ipynb --out graded/
 
-Importing this package needs only torch: the grader's own dependencies (nbclient,
-nbformat, tqdm, psutil, pyyaml) are imported by the command-line tool alone.
+Importing this package needs only torch.
 """
 
 from __future__ import annotations

@@ -30,11 +30,22 @@ __all__ = [
     "expect_close",
     "oracle_tolerance",
     "random_qkv",
+    "measure_call",
+    "weight",
+    "nan_diagnosis",
+    "renormalise_hint",
 ]
 
 
 class CheckFailure(AssertionError):
     """A check failed; the message is shown to the student as is."""
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 def _shape(shape) -> str:
@@ -117,6 +128,37 @@ def call(fn: Callable, *args, allow_none: bool = False, **kwargs) -> Any:
     return out
 
 
+def measure_call(fn: Callable, *args, **kwargs) -> tuple[Any, int]:
+    """``(result, peak_bytes)`` of ``fn(*args, **kwargs)``, through :func:`call`'s messages.
+
+    In the notebook this is :func:`attention_lib.memory.peak_memory`; the grader's
+    proxies of the student's functions measure in the student's kernel (``fn.measure``).
+    """
+    from ..memory import peak_memory
+
+    measure = getattr(fn, "measure", None)
+    if measure is not None:
+        return measure(*args, **kwargs)
+    box = {}
+
+    def measured(*a, **k):
+        out, box["peak"] = peak_memory(fn, *a, **k)
+        return out
+
+    measured.__name__ = getattr(fn, "__name__", "your function")
+    return call(measured, *args, allow_none=True, **kwargs), box.get("peak", 0)
+
+
+def weight(w: float):
+    """``@weight(3)``: this check counts 3 times as much as a plain one in its question's score."""
+
+    def mark(fn):
+        fn.weight = float(w)
+        return fn
+
+    return mark
+
+
 def _needs_grad(args, kwargs) -> bool:
     vals = list(args) + list(kwargs.values())
     return any(isinstance(v, torch.Tensor) and v.requires_grad for v in vals)
@@ -142,23 +184,74 @@ def expect_tensor(
     if not isinstance(out, torch.Tensor):
         raise CheckFailure(f"{what} should be a torch.Tensor, but it is a {type(out).__name__}.")
     if shape is not None and tuple(out.shape) != tuple(shape):
-        raise CheckFailure(f"{what} has shape {_shape(out.shape)}, expected {_shape(shape)}.")
+        more = ""
+        if out.numel() > max(1, _numel(shape)) or len(out.shape) > len(tuple(shape)):
+            more = (" A larger shape usually means broadcasting went wrong: a reduction without "
+                    "keepdim=True, or a mask or bias of the wrong shape.")
+        raise CheckFailure(f"{what} has shape {_shape(out.shape)}, expected {_shape(shape)}.{more}")
     if dtype is not None and out.dtype != dtype:
         raise CheckFailure(f"{what} has dtype {out.dtype}, expected {dtype} (the inputs' dtype).")
     if finite and out.is_floating_point():
-        nan = torch.isnan(out)
-        if nan.any():
-            raise CheckFailure(
-                f"{what} contains NaN ({int(nan.sum())} of {out.numel()} entries). "
-                "A row where every score is -inf gives 0/0: handle fully masked rows."
-            )
-        inf = torch.isinf(out)
-        if inf.any():
-            raise CheckFailure(
-                f"{what} contains inf ({int(inf.sum())} of {out.numel()} entries): "
-                "something overflowed (did you subtract the row maximum before exp?)."
-            )
+        message = nan_diagnosis(out, what)
+        if message:
+            raise CheckFailure(message)
     return out
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
+
+
+def nan_diagnosis(out: torch.Tensor, what: str, ref: torch.Tensor | None = None) -> str:
+    """A sentence on the NaN or inf in ``out`` and its likely cause, or "" if there is none.
+
+    The causes told apart (with ``ref``, the expected values, when it is known):
+
+    * a row whose keys are all masked: max = -inf, sum = 0, so 0/0 = NaN in the whole row,
+      where the expected row is all 0;
+    * exp overflowing (a score above ~88 in float32): inf / inf = NaN at the row's largest
+      entries and 0 elsewhere, or inf, in a row whose expected values are ordinary numbers.
+    """
+    nan, inf = torch.isnan(out), torch.isinf(out)
+    if not (nan.any() or inf.any()):
+        return ""
+    bad = nan | inf
+    head = (f"{what} contains {'NaN' if nan.any() else 'inf'} ({int(bad.sum())} of {out.numel()} entries"
+            f"{f', in {int(_rows(bad).any(-1).sum())} of {_rows(bad).shape[0]} rows' if out.dim() >= 2 else ''}). ")
+    masked = ("A row in which every key is masked has max = -inf and sum 0, so the softmax is 0/0 = NaN there: "
+              "shift such rows by 0 instead of -inf and return 0 for them (divide by the sum only where it is > 0).")
+    overflow = ("exp overflowed: a score above ~88 gives exp = inf in float32, and inf / inf = NaN. Subtract "
+                "the row maximum before exp (x - x.amax(dim, keepdim=True)); without keepdim=True the maximum "
+                "broadcasts against the wrong axis.")
+    if out.dim() >= 1 and out.numel():
+        rows, bad_rows = _rows(out), _rows(bad).any(-1)
+        if ref is not None and ref.shape == out.shape:
+            empty = (_rows(ref) == 0).all(-1)  # the expected row is all 0: a fully masked row
+            if bool(empty[bad_rows].all()):
+                return head + masked
+            return head + overflow
+        whole = torch.isnan(rows[bad_rows]).all(-1)
+        if bool(whole.all()) and not inf.any():
+            return head + masked + " (If no key of those rows is masked, the cause is overflow: " + overflow + ")"
+    return head + overflow
+
+
+def renormalise_hint(scores: torch.Tensor, mask: torch.Tensor, dim: int = -1):
+    """A hint for :func:`expect_close`: did the student zero the masked weights *after* the softmax?"""
+
+    def hint(out: torch.Tensor) -> str:
+        s64 = scores.detach().double()
+        after = torch.softmax(s64, dim) * mask.to(torch.float64)  # masked after, not renormalised
+        try:
+            if out.shape == after.shape and torch.allclose(out.double(), after, rtol=1e-4, atol=1e-6):
+                return ("You set the masked weights to 0 after the softmax, so the rows no longer sum to 1. "
+                        "Mask the scores before the softmax (masked_fill with -inf), or renormalise: divide each "
+                        "row by its new sum.")
+        except RuntimeError:
+            pass
+        return ""
+
+    return hint
 
 
 def oracle_tolerance(dtype: torch.dtype) -> tuple[float, float]:
@@ -171,9 +264,26 @@ def oracle_tolerance(dtype: torch.dtype) -> tuple[float, float]:
     }.get(dtype, (1e-4, 1e-5))
 
 
-def expect_close(out: torch.Tensor, ref: torch.Tensor, what: str, *, rtol=None, atol=None) -> None:
-    """``out`` matches ``ref`` (shape, NaN, values); the message says where and by how much."""
-    expect_tensor(out, what, shape=ref.shape)
+def expect_close(out: torch.Tensor, ref: torch.Tensor, what: str, *, rtol=None, atol=None, hint=None) -> None:
+    """``out`` matches ``ref`` (shape, NaN, values); the message says where and by how much.
+
+    ``hint(out) -> str``, if given, may add a sentence on the likely cause of a mismatch.
+    """
+    try:
+        _expect_close(out, ref, what, rtol=rtol, atol=atol)
+    except CheckFailure as exc:
+        extra = hint(out) if hint is not None and isinstance(out, torch.Tensor) else ""
+        if extra:
+            raise CheckFailure(f"{exc} {extra}") from None
+        raise
+
+
+def _expect_close(out, ref, what, *, rtol, atol) -> None:
+    expect_tensor(out, what, shape=ref.shape, finite=False)
+    if ref.is_floating_point() and out.is_floating_point() and torch.isfinite(ref).all():
+        message = nan_diagnosis(out, what, ref)
+        if message:
+            raise CheckFailure(message)
     d_rtol, d_atol = oracle_tolerance(ref.dtype)
     rtol = d_rtol if rtol is None else rtol
     atol = d_atol if atol is None else atol

@@ -13,6 +13,7 @@ def test_random_shapes_and_dims(ns):
         expect_close(call(f, x, dim=dim), torch.softmax(x.double(), dim).float(), f"softmax of shape {shape}, dim={dim}")
 
 
+@weight(3)  # the point of the question
 def test_extreme_values(ns):
     f = get_function(ns, "softmax")
     x = torch.tensor([[1e4, 0.0, -1e4], [3e4, 3e4, 3e4], [-3e4, -3e4 + 1, -3e4 + 2]])

@@ -23,6 +23,7 @@ def test_causal_with_L_not_S(ns):
         expect_close(call(f, q, k, v, is_causal=True), attention_ref(q, k, v, is_causal=True), f"attention(is_causal=True) with L={L}, S={S} (top-left)")
 
 
+@weight(2)  # a fully masked row must not poison the output with NaN
 def test_fully_masked_rows_give_zero(ns):
     f = get_function(ns, "attention")
     q, k, v = random_qkv(3, 2, 6, 7, 8, seed=4)
@@ -40,3 +41,19 @@ def test_mask_and_scale_float64(ns):
     mask = _masks.create_mask(_masks.sliding_window(3), None, None, 9, 9)  # (1, 1, 9, 9)
     out = expect_tensor(call(f, q, k, v, attn_mask=mask, scale=0.3), "attention in float64", dtype=torch.float64)
     expect_close(out, attention_ref(q, k, v, attn_mask=mask, scale=0.3), "attention with a sliding-window mask and scale=0.3")
+
+
+def test_gradients_match_the_oracle(ns):
+    """The gradients with respect to query, key and value match the float64 oracle's."""
+    f = get_function(ns, "attention")
+    q, k, v = random_qkv(1, 2, 5, 7, 8, dtype=torch.float64, seed=21)
+    w = torch.randn(1, 2, 5, 8, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    xs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = call(f, *xs, is_causal=True)
+    if not isinstance(out, torch.Tensor) or not out.requires_grad:
+        raise CheckFailure("the output of attention does not depend on query, key and value through autograd (no gradient).")
+    grads = torch.autograd.grad((out * w).sum(), xs)
+    rs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    refs = torch.autograd.grad((attention_ref(*rs, is_causal=True) * w).sum(), rs)
+    for name, g, r in zip(("query", "key", "value"), grads, refs):
+        expect_close(g, r, f"the gradient of attention(..., is_causal=True) with respect to {name}")

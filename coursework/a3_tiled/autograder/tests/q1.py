@@ -17,6 +17,7 @@ def test_batched_random_blocks(ns):
         _expect_stats(run_online(f, s, v, block, 6), online_reference(s, v), f"blocks of {block} over {N} keys")
 
 
+@weight(2)  # the case the online softmax must get right
 def test_masked_first_block_and_empty_rows(ns):
     f = get_function(ns, "online_softmax_update")
     g = torch.Generator().manual_seed(4)

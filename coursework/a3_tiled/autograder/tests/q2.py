@@ -38,3 +38,19 @@ def test_gqa_and_float64(ns):
     q, k, v = random_qkv(2, 6, 9, 13, 16, Hkv=2, dtype=torch.float64, seed=8)
     out = expect_tensor(call(f, q, k, v, enable_gqa=True, block_n=5), "tiled_attention(enable_gqa=True) in float64", shape=(2, 6, 9, 16), dtype=torch.float64)
     expect_close(out, attention_ref(q, k, v, enable_gqa=True), "tiled_attention(enable_gqa=True) in float64")
+
+
+def test_gradients_match_the_oracle(ns):
+    """The gradients with respect to query, key and value match the float64 oracle's."""
+    f = get_function(ns, "tiled_attention")
+    q, k, v = random_qkv(1, 2, 5, 7, 8, dtype=torch.float64, seed=21)
+    w = torch.randn(1, 2, 5, 8, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    xs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = call(f, *xs, is_causal=True, block_n=3)
+    if not isinstance(out, torch.Tensor) or not out.requires_grad:
+        raise CheckFailure("the output of tiled_attention does not depend on query, key and value through autograd (no gradient).")
+    grads = torch.autograd.grad((out * w).sum(), xs)
+    rs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    refs = torch.autograd.grad((attention_ref(*rs, is_causal=True) * w).sum(), rs)
+    for name, g, r in zip(("query", "key", "value"), grads, refs):
+        expect_close(g, r, f"the gradient of tiled_attention(..., is_causal=True) with respect to {name}")

@@ -4,7 +4,8 @@ A master notebook follows otter-grader's conventions:
 
 * its first cell is a raw cell that starts with ``# ASSIGNMENT CONFIG`` followed by
   YAML: ``assignment`` (the name of its public checks in attention_lib), ``title`` and
-  ``questions`` with their ``points``;
+  ``questions`` with their ``points`` and the ``functions`` the student writes for each
+  (used for feedback: "q3 calls your softmax, which fails q2");
 * solution code sits between ``# BEGIN SOLUTION`` and ``# END SOLUTION`` lines, which
   become ``...  # YOUR CODE HERE`` in the student version;
 * a code cell whose first line is ``# HIDDEN TESTS q1`` holds hidden tests of ``q1``:
@@ -20,6 +21,7 @@ Output::
 
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import pathlib
@@ -27,8 +29,7 @@ import re
 
 import nbformat
 
-from .grader import count_tests
-from .public import PUBLIC
+from attention_lib.grading.public import PUBLIC
 
 __all__ = ["assign", "strip_solutions", "AssignError"]
 
@@ -41,6 +42,11 @@ PROMPT = "...  # YOUR CODE HERE"
 
 class AssignError(ValueError):
     """The master notebook breaks a convention; the message says where."""
+
+
+def count_tests(source: str) -> int:
+    """Number of top-level ``def test_*`` in a hidden-test source (parsed, not run)."""
+    return sum(isinstance(n, ast.FunctionDef) and n.name.startswith("test_") for n in ast.parse(source).body)
 
 
 def strip_solutions(source: str, where: str = "cell") -> str:
@@ -87,6 +93,8 @@ def assign(master: str | pathlib.Path, out: str | pathlib.Path) -> dict[str, pat
     name = cfg["assignment"]
     if name not in PUBLIC:
         raise AssignError(f"attention_lib.grading.public has no checks for assignment {name!r}")
+    if not isinstance(cfg["questions"], dict):
+        raise AssignError("`questions` in the ASSIGNMENT CONFIG cell should map each question to its points")
     questions = {str(q): (v or {}) for q, v in cfg["questions"].items()}
     hidden: dict[str, list[str]] = {q: [] for q in questions}
     student_cells = []
@@ -126,7 +134,8 @@ def assign(master: str | pathlib.Path, out: str | pathlib.Path) -> dict[str, pat
     meta = {
         "assignment": name,
         "title": cfg.get("title", name),
-        "questions": [{"name": q, "points": float(v.get("points", 1))} for q, v in questions.items()],
+        "questions": [{"name": q, "points": float(v.get("points", 1)), "functions": [str(f) for f in v.get("functions", [])]}
+                      for q, v in questions.items()],
     }
     (out / "autograder" / "assignment.json").write_text(json.dumps(meta, indent=2) + "\n")
     return {"student": student_path, "autograder": out / "autograder"}
