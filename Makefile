@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 BOOK_FLAGS := -W -n --keep-going
 
-.PHONY: bwrap book test venv unit notebooks book-strict site chromium execute clean help
+.PHONY: test-redteam bwrap book test venv unit notebooks book-strict site chromium execute clean help
 
 help:
 	@echo "make book     build the HTML book into _build/html"
@@ -39,7 +39,7 @@ book: venv
 test: venv unit notebooks book-strict site
 
 unit: venv
-	$(BIN)/python -m pytest tests -q -p no:cacheprovider -m "not slow" --ignore=tests/test_site.py
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider -m "not slow and not redteam" --ignore=tests/test_site.py
 
 notebooks: venv
 	$(BIN)/python -m pytest $(NBVAL) -q -p no:cacheprovider --durations=0 notebooks
@@ -59,6 +59,10 @@ chromium:
 	  echo "installing chromium with apt-get"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	else echo "no Chromium and no rights to install it: browser tests will skip (apt-get install chromium)"; fi
+
+# The autograder red-team batch: every attack graded with honest notebooks in one run.
+test-redteam: venv
+	$(BIN)/python -m pytest tests/test_redteam.py -q -p no:cacheprovider -s
 
 execute: venv
 	$(BIN)/python scripts/execute_notebooks.py $(NB)

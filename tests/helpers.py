@@ -96,7 +96,7 @@ def assert_matches_ref(
         grads = []
         if grad:
             g = torch.Generator().manual_seed(1)
-            dout = torch.randn(out.shape, generator=g).to(out.dtype)
+            dout = torch.randn(out.shape, generator=g).to(device=out.device, dtype=out.dtype)
             grads = list(torch.autograd.grad(out, ins, dout))
         return out, grads
 
