@@ -147,6 +147,8 @@ def sandbox_argv(bwrap: str, io_dir: pathlib.Path, hidden: list[pathlib.Path], l
             argv += ["--symlink", os.readlink(p), str(p)]
         elif p.is_dir():
             argv += ["--ro-bind", str(p), str(p)]
+    # /tmp first: the read-only binds below may live under it (a clone in /tmp) and must land on top.
+    argv += ["--size", str(limits.scratch_bytes), "--tmpfs", "/tmp"]
     bound = readonly_paths(hidden, packages)
     for p in bound:
         argv += ["--ro-bind", str(p), str(p)]
@@ -155,7 +157,6 @@ def sandbox_argv(bwrap: str, io_dir: pathlib.Path, hidden: list[pathlib.Path], l
         if h.is_dir() and any(_under(h, b) for b in bound):
             argv += ["--tmpfs", str(h)]
     argv += ["--dev", "/dev", "--proc", "/proc",
-             "--size", str(limits.scratch_bytes), "--tmpfs", "/tmp",
              "--bind", str(io_dir), IO_DIR, "--chdir", HOME, "--"]
     return argv
 
