@@ -305,7 +305,7 @@ def test_an_honest_notebook_keeps_its_score_whatever_its_classmates_do(batch, ea
 # Feedback on typical bugs (both copies)
 # ---------------------------------------------------------------------------
 def _full(batch, name, q):
-    return batch.per_question(name)[q] == {"q1": 2.0, "q2": 3.0, "q3": 3.0}[q]
+    return abs(batch.per_question(name)[q] - {"q1": 2.0, "q2": 3.0, "q3": 3.0}[q]) < 1e-6
 
 
 @needs_bwrap

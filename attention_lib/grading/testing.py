@@ -247,6 +247,15 @@ def renormalise_hint(scores: torch.Tensor, mask: torch.Tensor, dim: int = -1):
                 return ("You set the masked weights to 0 after the softmax, so the rows no longer sum to 1. "
                         "Mask the scores before the softmax (masked_fill with -inf), or renormalise: divide each "
                         "row by its new sum.")
+            # rows that should sum to 1 but do not: a reduction without keepdim broadcast wrongly
+            keep = mask.to(torch.bool).expand_as(s64).any(dim)
+            sums = out.double().sum(dim)
+            off = keep & ~torch.isclose(sums, torch.ones_like(sums), rtol=0, atol=1e-3)
+            if out.shape == after.shape and bool(off.any()):
+                first = tuple(int(i) for i in off.nonzero()[0])
+                return (f"The rows of your weights do not sum to 1 (row {first} sums to {sums[first].item():.4g}). "
+                        "If you divided by a sum (or subtracted a maximum) without keepdim=True, the reduced tensor "
+                        "broadcast against the wrong axis: keep the reduced axis, e.g. e / e.sum(dim, keepdim=True).")
         except RuntimeError:
             pass
         return ""

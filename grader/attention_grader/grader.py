@@ -187,7 +187,10 @@ class _Runner:
             where = f"Code cell {i + 1} (`{_first_line(src)}`)"
             if status in ("timeout", "killed", "dead"):
                 self.skip.add(i)
-                if status == "dead":
+                why = self.kernel.limit_message()
+                if why:
+                    self.run.notes.append(f"{where} was stopped: {why}. It was skipped when grading.")
+                elif status == "dead":
                     self.run.notes.append(f"{where} crashed the kernel; it was skipped when grading.")
                 else:
                     self.run.notes.append(f"{where} {_timeout_message(t)} It was skipped when grading.")
@@ -269,7 +272,11 @@ def grade_submission(path, ag: Autograder, opts: Options) -> Run:
                     if exc.killed:
                         runner.kernel.dead = True
                 except KernelLost as exc:
-                    if str(exc) == "dead":
+                    why = runner.kernel.limit_message() if runner.kernel is not None else ""
+                    if why:
+                        o.message = f"the test was stopped: {why}."
+                        poisoned[q.name] = "was stopped"
+                    elif str(exc) == "dead":
                         o.message = "the kernel crashed while running this test (did your code call exit() or run out of memory?)."
                         poisoned[q.name] = "crashed the kernel"
                     else:
@@ -317,9 +324,12 @@ def results_json(run: Run, ag: Autograder) -> dict:
     for q in ag.questions:
         outs = [o for o in run.outcomes if o.test.question == q.name]
         weight = sum(o.test.weight for o in outs) or 1.0
+        # rounded shares that add up to the question's points exactly (the last takes the remainder)
+        shares = [_r(q.points * o.test.weight / weight) for o in outs]
+        if shares:
+            shares[-1] = _r(q.points - sum(shares[:-1]))
         q_score = 0.0
-        for o in outs:
-            max_score = q.points * o.test.weight / weight
+        for o, max_score in zip(outs, shares):
             score = max_score if o.passed else 0.0
             q_score += score
             tests.append({

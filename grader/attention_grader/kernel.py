@@ -9,8 +9,13 @@ over the shell channel only, interrupted and killed from outside.
 * The grader connects to the shell channel alone. It never subscribes to IOPub, so what
   the student prints never reaches the grader; the kernel's own stdout and stderr go to
   /dev/null. The shell socket refuses messages over ``MAX_MESSAGE`` bytes (ZeroMQ's
-  ``MAXMSGSIZE``): an oversized reply drops the connection, and the call times out.
+  ``MAXMSGSIZE``): an oversized reply drops the connection, and the call times out; and it
+  queues at most ``MAX_QUEUED`` messages (``RCVHWM``), so a flood costs the grader little memory.
 * Nothing printed decides anything: :mod:`.remote` reads answers from files.
+* A watchdog thread checks the sandbox four times a second: its ``/io`` folder (on the
+  grader's disk) stays under ``Limits.io_bytes``, and, where no cgroup holds the caps,
+  its processes together stay under the memory cap and ``Limits.max_procs``. Over a cap,
+  the sandbox is killed and :attr:`Kernel.limit_hit` says which.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ from . import sandbox
 
 __all__ = ["Kernel", "KernelStartError", "MAX_MESSAGE", "kill_all", "ABORT"]
 
-MAX_MESSAGE = 1 << 20  # bytes: the largest shell message the grader accepts
+MAX_MESSAGE = 256 << 10  # bytes: the largest shell message the grader accepts (replies are a few hundred)
+MAX_QUEUED = 32  # shell messages ZeroMQ may hold for the grader (its receive high-water mark)
 GRACE_S = 1.0  # after an interrupt, how long the kernel has to answer before it is killed
 KERNEL_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -81,6 +87,7 @@ class _Client(BlockingKernelClient):
         sock = self.context.socket(channel_socket_types[channel])
         sock.linger = 0
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
+        sock.setsockopt(zmq.RCVHWM, MAX_QUEUED)  # a flood of replies is dropped, not buffered here
         if identity:
             sock.identity = identity
         sock.connect(self._make_url(channel))
@@ -100,6 +107,9 @@ class Kernel:
         self.kc: _Client | None = None
         self.pids: list[int] = []
         self.dead = False
+        self.limit_hit: str | None = None  # "memory" | "processes" | "disk": why the watchdog killed it
+        self.cgroup: sandbox.Cgroup | None = None
+        self._stop = threading.Event()
         self._start(bwrap, list(hidden), startup_timeout)
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -124,16 +134,21 @@ class Kernel:
             argv = cmd
             env = dict(KERNEL_ENV, HOME=str(self.io_dir), TMPDIR=str(self.io_dir), PATH=os.environ.get("PATH", ""),
                        IPYTHONDIR=str(self.io_dir / ".ipython"))
+        if self.sandboxed:
+            self.cgroup = sandbox.Cgroup.create(self.limits, tag)
         try:
             with open(self.io_dir / "kernel-stderr.txt", "wb") as err:  # capped by RLIMIT_FSIZE
                 self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                             stderr=err, env=env, close_fds=True,
-                                         cwd=str(self.io_dir), preexec_fn=sandbox.preexec(self.limits))
-        except OSError as exc:
+                                             stderr=err, env=env, close_fds=True, cwd=str(self.io_dir),
+                                             preexec_fn=sandbox.preexec(self.limits, self.cgroup))
+        except (OSError, subprocess.SubprocessError) as exc:
+            if self.cgroup is not None:
+                self.cgroup.remove()
             raise KernelStartError(f"could not start the kernel: {exc}") from exc
         self.pids.append(self.proc.pid)
         with _LIVE_LOCK:
             _LIVE.add(self)
+        threading.Thread(target=self._watch, name=f"watchdog-{tag}", daemon=True).start()
         kc = _Client()
         kc.load_connection_file(str(outer_file))
         kc.start_channels(shell=True, iopub=False, stdin=False, hb=False, control=False)
@@ -149,6 +164,76 @@ class Kernel:
             got = self._reply(msg_id, min(2.0, max(0.1, deadline - time.monotonic())))
             if got is not None:
                 return
+
+    # -- the watchdog ---------------------------------------------------------------------------
+    def _io_bytes(self, limit_entries: int = 10_000) -> int:
+        """Bytes under the io folder (an over-full folder counts as over the cap)."""
+        total, seen, stack = 0, 0, [str(self.io_dir)]
+        while stack:
+            try:
+                with os.scandir(stack.pop()) as it:
+                    for e in it:
+                        seen += 1
+                        if seen > limit_entries:
+                            return self.limits.io_bytes + 1
+                        try:
+                            if e.is_dir(follow_symlinks=False):
+                                stack.append(e.path)
+                            else:
+                                total += e.stat(follow_symlinks=False).st_blocks * 512
+                        except OSError:
+                            pass
+            except OSError:
+                pass
+        return total
+
+    def _tree_usage(self) -> tuple[int, int]:
+        """(anonymous memory in bytes, number of processes) of everything under the sandbox."""
+        import psutil
+
+        try:
+            procs = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            return 0, 0
+        anon = 0
+        for p in procs:
+            try:
+                m = p.memory_info()
+                anon += max(0, m.rss - getattr(m, "shared", 0))
+            except psutil.Error:
+                pass
+        return anon, len(procs)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.25):
+            if self.proc is None or self.proc.poll() is not None:
+                return
+            hit = None
+            if self._io_bytes() > self.limits.io_bytes:
+                hit = "disk"
+            elif self.cgroup is None:
+                anon, n = self._tree_usage()
+                if anon > self.limits.memory_bytes:
+                    hit = "memory"
+                elif n > self.limits.max_procs:
+                    hit = "processes"
+            if hit:
+                self.limit_hit = hit
+                self._kill_tree()
+                return
+
+    def limit_message(self) -> str:
+        """Why the sandbox was stopped, for the student ("" if no cap was hit)."""
+        hit = self.limit_hit
+        if hit is None and self.cgroup is not None and self.cgroup.oom_killed():
+            hit = self.limit_hit = "memory"
+        return {
+            "memory": f"your code used more than {self.limits.memory_bytes / 2**30:g} GiB of memory (all its "
+                      "processes together), and the grader stopped it",
+            "processes": f"your code started more than {self.limits.max_procs} processes, and the grader stopped it",
+            "disk": f"your code wrote more than {self.limits.io_bytes >> 20} MiB to the grader's folder, and the "
+                    "grader stopped it",
+        }.get(hit or "", "")
 
     def _stderr_tail(self) -> str:
         try:
@@ -204,12 +289,24 @@ class Kernel:
     def kill(self) -> None:
         """Kill the kernel and everything in its sandbox (its process group, and bwrap's
         PID namespace, which the kernel empties when its first process dies)."""
+        self._stop.set()
         if self.kc is not None:
             try:
                 self.kc.stop_channels()
             except Exception:
                 pass
             self.kc = None
+        self._kill_tree()
+        if self.cgroup is not None:
+            if self.limit_hit is None and self.cgroup.oom_killed():
+                self.limit_hit = "memory"
+            self.cgroup.remove()
+            self.cgroup = None
+        self.dead = True
+        with _LIVE_LOCK:
+            _LIVE.discard(self)
+
+    def _kill_tree(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
@@ -224,9 +321,6 @@ class Kernel:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
-        self.dead = True
-        with _LIVE_LOCK:
-            _LIVE.discard(self)
 
     def __enter__(self):
         return self

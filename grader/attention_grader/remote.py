@@ -16,10 +16,12 @@ product of the student's function at the same inputs.
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import pathlib
 import re
+import stat
 import uuid
 
 import torch
@@ -29,6 +31,8 @@ from attention_lib.grading.testing import CheckFailure
 __all__ = ["RemoteNamespace", "RemoteFunction", "KernelLost", "KernelTimeout", "NoAnswer", "clean_answer"]
 
 MAX_ANSWER = 64 << 20  # bytes of one answer file (also the kernel's RLIMIT_FSIZE)
+MAX_ITEMS = 10_000  # values in one answer (list items, dict entries, tensors), all levels together
+MAX_TENSOR_BYTES = 2 * MAX_ANSWER  # bytes of all the answer's tensors once materialised (stride 0 included)
 DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.int16,
           torch.int32, torch.int64, torch.uint8, torch.bool}
 SERVE_SOURCE = (pathlib.Path(__file__).with_name("_kernel_side.py")).read_text()
@@ -63,25 +67,100 @@ def _opaque(type_name: str):
     return type(name, (_Opaque,), {"__repr__": lambda self: f"<{name} object>"})()
 
 
-def clean_answer(x, depth: int = 0):
-    """Validate what ``torch.load`` returned: plain data only, exact types (no subclasses)."""
+class _Budget:
+    """What one answer may still hold: items and materialised tensor bytes."""
+
+    def __init__(self):
+        self.items, self.bytes = MAX_ITEMS, MAX_TENSOR_BYTES
+
+    def take(self, items: int = 1, nbytes: int = 0) -> None:
+        self.items -= items
+        self.bytes -= nbytes
+        if self.items < 0:
+            raise NoAnswer(f"the answer holds more than {MAX_ITEMS} values")
+        if self.bytes < 0:
+            raise NoAnswer(f"the answer's tensors hold more than {MAX_TENSOR_BYTES >> 20} MiB")
+
+
+def clean_answer(x, depth: int = 0, budget: _Budget | None = None):
+    """Validate what ``torch.load`` returned: plain data only, exact types (no subclasses),
+    at most MAX_ITEMS values and MAX_TENSOR_BYTES of tensor data (counted as materialised,
+    so a stride-0 view of one element counts as its full size). Tensors come back as
+    contiguous copies that share nothing with the loaded storage."""
+    budget = budget or _Budget()
     if depth > 10:
         raise NoAnswer("the answer is nested too deeply")
+    budget.take()
     if type(x) is torch.Tensor:
         if x.layout != torch.strided or x.device.type != "cpu" or x.dtype not in DTYPES or x.is_quantized:
             raise NoAnswer(f"the answer holds a tensor the grader does not accept ({x.layout}, {x.device}, {x.dtype})")
-        return x.detach()
+        budget.take(0, x.numel() * x.element_size())
+        return x.detach().clone(memory_format=torch.contiguous_format)
     if x is None or type(x) in (bool, int, float, str):
         return x
     if type(x) in (list, tuple):
-        return type(x)(clean_answer(v, depth + 1) for v in x)
+        budget.take(len(x))
+        return type(x)(clean_answer(v, depth + 1, budget) for v in x)
     if type(x) is dict:
+        budget.take(len(x))
         if set(x) == {"__opaque__"} and type(x["__opaque__"]) is str:
             return _opaque(x["__opaque__"])
         if not all(type(k) is str for k in x):
             raise NoAnswer("the answer holds a dict with keys that are not strings")
-        return {k: clean_answer(v, depth + 1) for k, v in x.items()}
+        return {k: clean_answer(v, depth + 1, budget) for k, v in x.items()}
     raise NoAnswer(f"the answer holds a {type(x).__name__}, which is not plain data")
+
+
+def write_request(path: pathlib.Path, obj) -> None:
+    """``torch.save(obj)`` to a new regular file at ``path``, never through what is there.
+
+    The student's code shares the folder: whatever sits at ``path`` (a symlink to a host file,
+    a FIFO) is unlinked, and the file is created with O_EXCL | O_NOFOLLOW, so the grader writes
+    only a file it has just created.
+    """
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(buf.getbuffer())
+
+
+def read_answer(path: pathlib.Path):
+    """Load an answer file written by the kernel: a regular file (not a link, FIFO or device),
+    at most MAX_ANSWER bytes, read in one go and unpickled with ``weights_only=True``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise NoAnswer("your kernel's answer is not a regular file")
+        if st.st_size > MAX_ANSWER:
+            raise NoAnswer(f"your kernel's answer is {st.st_size >> 20} MiB, over the limit of {MAX_ANSWER >> 20} MiB")
+        data = f.read(MAX_ANSWER + 1)
+    if len(data) > MAX_ANSWER:
+        raise NoAnswer(f"your kernel's answer is over the limit of {MAX_ANSWER >> 20} MiB")
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception as exc:
+        raise NoAnswer(f"your kernel's answer could not be read as plain data ({type(exc).__name__})") from None
+
+
+_SIZE_MISMATCH = re.compile(r"size of tensor a \(\d+\) must match the size of tensor b \(\d+\)")
+
+
+def _error_hint(ename: str, evalue: str) -> str:
+    """A sentence on the likely cause of a common error, or ""."""
+    if ename == "RuntimeError" and _SIZE_MISMATCH.search(evalue):
+        return (". This is a broadcasting error: two tensors whose shapes do not line up met in an elementwise "
+                "operation. A reduction without keepdim=True (x.sum(-1) instead of x.sum(-1, keepdim=True)) drops "
+                "the axis, so the result no longer lines up with the rows; print the shapes to see which.")
+    return ""
 
 
 def _same(a, b) -> bool:
@@ -118,28 +197,27 @@ class Channel:
         n = next(self.counter)
         req = dict(req, id=uuid.uuid4().hex)
         req_file, res_file = self.io_dir / f"req-{n}.pt", self.io_dir / f"res-{n}.pt"
-        torch.save(req, req_file)
+        try:
+            write_request(req_file, req)
+        except OSError as exc:  # something of the student's took the name between unlink and create
+            raise NoAnswer(f"the grader could not send its request ({exc.strerror})") from None
         code = f"{SERVE}(globals(), {self.inner_io + '/' + req_file.name!r}, {self.inner_io + '/' + res_file.name!r})"
         start = time.monotonic()
         status, info = self.kernel.execute(code, self.timeout)
         self.slowest = max(self.slowest, time.monotonic() - start)
-        req_file.unlink(missing_ok=True)
+        try:
+            req_file.unlink(missing_ok=True)
+        except OSError:
+            pass
         try:
             if status in ("timeout", "killed"):
                 raise KernelTimeout(status == "killed")
             if status == "dead":
                 raise KernelLost("dead")
-            try:
-                size = res_file.stat().st_size
-            except OSError:
+            res = read_answer(res_file)
+            if res is None:
                 why = f" ({info.get('ename')}: {info.get('evalue')})" if status == "error" else ""
-                raise NoAnswer(f"your kernel did not answer the grader's request{why}") from None
-            if size > MAX_ANSWER:
-                raise NoAnswer(f"your kernel's answer is {size >> 20} MiB, over the limit of {MAX_ANSWER >> 20} MiB")
-            try:
-                res = torch.load(res_file, weights_only=True, map_location="cpu")
-            except Exception as exc:
-                raise NoAnswer(f"your kernel's answer could not be read as plain data ({type(exc).__name__})") from None
+                raise NoAnswer(f"your kernel did not answer the grader's request{why}")
             res = clean_answer(res)
             if type(res) is not dict or res.get("id") != req["id"] or type(res.get("ok")) is not bool:
                 raise NoAnswer("your kernel's answer is not an answer to the grader's request")
@@ -184,7 +262,7 @@ class RemoteFunction:
             ename, evalue, where = (str(res.get(k, "")) for k in ("ename", "evalue", "where"))
             if ename == "NotImplementedError":
                 raise CheckFailure(f"`{self.__name__}` is not implemented yet (it raised NotImplementedError).")
-            raise CheckFailure(f"`{self.__name__}` raised {ename}: {evalue}{where}")
+            raise CheckFailure(f"`{self.__name__}` raised {ename}: {evalue}{where}{_error_hint(ename, evalue)}")
         return res
 
     def _check_in_place(self, args, kwargs, res) -> None:

@@ -6,13 +6,19 @@ What the kernel of a submission gets (see book/coursework.md, "What is protected
   ``/etc``, the interpreter's prefixes and the folders on ``sys.path`` (a folder on
   ``sys.path`` that contains something to hide, such as a repository root with an
   editable install, is replaced by the packages the kernel needs from it);
-* a private ``/tmp`` (a tmpfs of ``scratch_mib``, also its home and working folder) and
+* a private ``/tmp`` (a tmpfs of ``scratch_mib``, also its home and working folder), a
+  private ``/dev/shm`` (a tmpfs of ``shm_mib``) and
   one bound folder, ``/io``, through which it talks to the grader;
 * new user, PID, network, IPC, UTS and cgroup namespaces (no network; it sees only its
   own processes; when the sandbox ends, every process in it is killed), no capabilities,
   user ``nobody``, a new session (no terminal), a cleared environment;
-* ``RLIMIT_AS`` (the memory cap), ``RLIMIT_FSIZE`` (the largest file it may write),
-  and ``RLIMIT_CORE = 0``, set before ``bwrap`` starts and inherited;
+* ``RLIMIT_AS`` (the memory cap, per process), ``RLIMIT_FSIZE`` (the largest file it may
+  write) and ``RLIMIT_CORE = 0``, set before ``bwrap`` starts and inherited;
+* where the grader may create cgroups (root, or a delegated cgroup v2 tree), a memory
+  cgroup holding the memory cap for **all** the sandbox's processes together (tmpfs pages
+  included) and a pids cgroup (at most ``max_procs`` processes): :class:`Cgroup`. Without
+  them, the grader's watchdog (:mod:`.kernel`) sums the sandbox's memory and counts its
+  processes four times a second and kills the sandbox over the caps;
 * inside, the user is ``nobody`` (65534) without capabilities; when the grader runs as
   root, that user is root's own uid mapped into the user namespace, so it may read
   whatever is bound whatever its permissions: which is why only the folders above are.
@@ -27,7 +33,8 @@ import shutil
 import subprocess
 import sys
 
-__all__ = ["SandboxUnavailable", "Limits", "bwrap_path", "check_bwrap", "sandbox_argv", "preexec", "INSTALL_HINT"]
+__all__ = ["SandboxUnavailable", "Limits", "Cgroup", "bwrap_path", "check_bwrap", "sandbox_argv", "preexec",
+           "INSTALL_HINT"]
 
 INSTALL_HINT = (
     "The grader runs every submission in a bubblewrap sandbox, and `bwrap` is not usable here.\n"
@@ -50,10 +57,104 @@ class SandboxUnavailable(RuntimeError):
 class Limits:
     """OS limits for one kernel (all inherited by what the student starts)."""
 
-    def __init__(self, memory_gib: float = 2.0, file_mib: int = 64, scratch_mib: int = 256):
-        self.memory_bytes = int(memory_gib * 2**30)
-        self.file_bytes = int(file_mib * 2**20)
-        self.scratch_bytes = int(scratch_mib * 2**20)
+    def __init__(self, memory_gib: float = 2.0, file_mib: int = 64, scratch_mib: int = 256, io_mib: int = 192,
+                 max_procs: int = 64, shm_mib: int = 64):
+        self.memory_bytes = int(memory_gib * 2**30)  # all the sandbox's processes together
+        self.file_bytes = int(file_mib * 2**20)  # one file
+        self.scratch_bytes = int(scratch_mib * 2**20)  # its /tmp (a tmpfs: memory, counted in memory_bytes)
+        self.shm_bytes = int(shm_mib * 2**20)  # its /dev/shm (a tmpfs too)
+        self.io_bytes = int(io_mib * 2**20)  # its /io folder (on the grader's disk), checked by the watchdog
+        self.max_procs = max_procs  # processes and threads (pids cgroup) / processes (watchdog)
+
+
+class Cgroup:
+    """A memory and a pids cgroup for one sandbox, if this process may create them.
+
+    cgroup v1 (``/sys/fs/cgroup/{memory,pids}``) or v2 (a group under the root of the
+    unified hierarchy, when its ``cgroup.subtree_control`` has ``memory`` and ``pids``).
+    ``Cgroup.create(limits)`` returns None when neither is writable (not root, no
+    delegation); the watchdog then enforces the caps.
+    """
+
+    ROOT = pathlib.Path("/sys/fs/cgroup")
+
+    def __init__(self, dirs: list[pathlib.Path], version: int):
+        self.dirs, self.version = dirs, version
+
+    @classmethod
+    def create(cls, limits: "Limits", tag: str) -> "Cgroup | None":
+        name = f"attention-grader-{os.getpid()}-{tag}"
+        try:
+            if (cls.ROOT / "memory" / "memory.limit_in_bytes").exists() and (cls.ROOT / "pids").is_dir():
+                mem, pids = cls.ROOT / "memory" / name, cls.ROOT / "pids" / name
+                mem.mkdir()
+                group = cls([mem], 1)
+                pids.mkdir()
+                group.dirs.append(pids)
+                (mem / "memory.limit_in_bytes").write_text(str(limits.memory_bytes))
+                if (mem / "memory.memsw.limit_in_bytes").exists():  # swap counts too
+                    (mem / "memory.memsw.limit_in_bytes").write_text(str(limits.memory_bytes))
+                (pids / "pids.max").write_text(str(4 * limits.max_procs))  # threads count as pids
+                return group
+            control = cls.ROOT / "cgroup.subtree_control"
+            if control.exists() and {"memory", "pids"} <= set(control.read_text().split()):
+                d = cls.ROOT / name
+                d.mkdir()
+                group = cls([d], 2)
+                (d / "memory.max").write_text(str(limits.memory_bytes))
+                if (d / "memory.swap.max").exists():
+                    (d / "memory.swap.max").write_text("0")
+                (d / "pids.max").write_text(str(4 * limits.max_procs))
+                return group
+        except OSError:
+            if "group" in locals():
+                group.remove()
+        return None
+
+    def join(self) -> None:
+        """Move the calling process into the group (from ``preexec_fn``, before exec)."""
+        for d in self.dirs:
+            with open(d / "cgroup.procs", "w") as f:
+                f.write(str(os.getpid()))
+
+    def oom_killed(self) -> bool:
+        """Whether the kernel killed a process of the group for memory."""
+        try:
+            d = self.dirs[0]
+            name = "memory.oom_control" if self.version == 1 else "memory.events"
+            fields = dict(line.split()[:2] for line in (d / name).read_text().splitlines() if line.strip())
+            return int(fields.get("oom_kill", 0)) > 0
+        except (OSError, ValueError):
+            return False
+
+    def remove(self) -> None:
+        """Kill what is left in the group and delete it."""
+        import signal
+        import time
+
+        for _ in range(50):
+            left = []
+            for d in self.dirs:
+                try:
+                    left += [int(p) for p in (d / "cgroup.procs").read_text().split()]
+                except OSError:
+                    pass
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            gone = True
+            for d in self.dirs:
+                try:
+                    d.rmdir()
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    gone = False
+            if gone:
+                return
+            time.sleep(0.05)
 
 
 def bwrap_path() -> str | None:
@@ -156,15 +257,18 @@ def sandbox_argv(bwrap: str, io_dir: pathlib.Path, hidden: list[pathlib.Path], l
         h = h.resolve()
         if h.is_dir() and any(_under(h, b) for b in bound):
             argv += ["--tmpfs", str(h)]
-    argv += ["--dev", "/dev", "--proc", "/proc",
+    # bwrap's /dev has a /dev/shm that any process may fill: give it a small tmpfs of its own
+    argv += ["--dev", "/dev", "--size", str(limits.shm_bytes), "--tmpfs", "/dev/shm", "--proc", "/proc",
              "--bind", str(io_dir), IO_DIR, "--chdir", HOME, "--"]
     return argv
 
 
-def preexec(limits: Limits):
+def preexec(limits: Limits, cgroup: Cgroup | None = None):
     """A ``preexec_fn`` that sets the OS limits (inherited by bwrap and everything below it)."""
 
     def apply() -> None:
+        if cgroup is not None:
+            cgroup.join()
         resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
         resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_bytes, limits.file_bytes))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
