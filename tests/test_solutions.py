@@ -5,9 +5,11 @@ This test does: for each chapter of ``_toc.yml`` it collects the ```` ```python 
 blocks of every ``{solution}`` block, runs the chapter's own code cells in a fresh kernel of
 this environment (as ``nbval --nbval-current-env`` does, with the kernel's working directory
 set to ``notebooks/``), then runs the solution code in the same kernel, in the order of the
-solutions in the notebook. One test item per chapter (``-k 05`` selects chapter 5)::
+solutions in the notebook. ``make notebooks`` does the same within its nbval run
+(``scripts/with_solutions.py`` appends the solutions as never-run cells), so this per-chapter
+test is marked ``slow``; use it to debug one chapter's solutions (``-k 05`` selects chapter 5)::
 
-    .venv/bin/python -m pytest -q tests/test_solutions.py -k 05      # add -s to see what each solution prints
+    .venv/bin/python -m pytest -q -m slow tests/test_solutions.py -k 05      # add -s to see what each solution prints
 
 How to write a solution's code so that this test can check it:
 
@@ -350,6 +352,35 @@ def test_a_failing_solution_is_reported_by_label(tmp_path):
     assert "'ex-bad'" in failures[0] and "AssertionError" in failures[0] and "x is not 2" in failures[0]
 
 
+def test_nbval_runs_the_appended_solutions_and_fails_on_a_wrong_one(tmp_path):
+    """`make notebooks` checks the solutions through scripts/with_solutions.py: a failing one must fail nbval."""
+    import subprocess
+
+    nb = nbformat.v4.new_notebook()
+    first = nbformat.v4.new_code_cell("x = 1\nprint(x)", execution_count=1,
+                                      outputs=[nbformat.v4.new_output("stream", name="stdout", text="1\n")])
+    nb.cells = [
+        first,
+        nbformat.v4.new_markdown_cell("````{solution} ex-good\n```python\nassert x == 1\nprint('shown, not compared')\n```\n````"),
+        nbformat.v4.new_markdown_cell("````{solution} ex-bad\n```python\nassert x == 2, 'x is not 2'\n```\n````"),
+    ]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    src = tmp_path / "src"
+    src.mkdir()
+    nbformat.write(nb, src / "nb.ipynb")
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "with_solutions.py"), str(tmp_path / "out"),
+                    str(src / "nb.ipynb")], check=True, capture_output=True)
+    out = nbformat.read(tmp_path / "out" / "nb.ipynb", as_version=4)
+    assert len(out.cells) == 5 and out.cells[-1].execution_count is None and not out.cells[-1].outputs
+    r = subprocess.run([sys.executable, "-m", "pytest", "--nbval", "--nbval-current-env", "-q", "-p", "no:cacheprovider",
+                        str(tmp_path / "out" / "nb.ipynb")], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 1 and "1 failed, 2 passed" in r.stdout, r.stdout[-2000:]
+    assert "x is not 2" in r.stdout
+
+
+# `make notebooks` runs the solutions within its one nbval execution (scripts/with_solutions.py);
+# this test runs them chapter by chapter, for debugging a solution (-k 05 -s).
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_solutions_run_after_their_chapter(path):
     if not any(s.code for s in solutions(nbformat.read(path, as_version=4))):
