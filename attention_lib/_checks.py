@@ -28,7 +28,8 @@ from __future__ import annotations
 import math
 import numbers
 import sys
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -39,6 +40,7 @@ __all__ = [
     "check_no_dropout",
     "check_positive_int",
     "check_window",
+    "accumulation_dtype",
     "compute_dtype",
     "repeat_kv",
 ]
@@ -55,10 +57,17 @@ def _broadcastable(mask_shape: torch.Size, target: tuple[int, ...]) -> bool:
     return all(m == 1 or m == t for m, t in zip(reversed(mask_shape), reversed(target)))
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype to compute in: float32 for float16/bfloat16 (as PyTorch's math path
-    does on CPU), the dtype itself otherwise."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to accumulate in: float64 for float64, float32 for everything else.
+
+    float16 and bfloat16 scores, sums and matmuls are computed in float32 (as PyTorch's
+    math path does on CPU, and as a GPU kernel accumulates), then cast back. This is
+    the one place that rule is written; every module that upcasts calls it.
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+compute_dtype = accumulation_dtype  # the former name, kept for code written against it
 
 
 # ----------------------------------------------------------------------------------
@@ -120,7 +129,7 @@ def _check_mask_tensor(attn_mask, query: torch.Tensor, scores_shape: tuple[int, 
 
 def check_dropout(dropout_p) -> float:
     """``dropout_p`` must be a number in [0, 1] (1 drops every weight, as in PyTorch)."""
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not (0.0 <= dropout_p <= 1.0):
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not (0.0 <= float(dropout_p) <= 1.0):
         raise ValueError(f"dropout_p must be a float in [0, 1], got {dropout_p!r}")
     return float(dropout_p)
 
@@ -301,7 +310,7 @@ def sdpa_inputs(
     _check_tensors(query, key, value)
     dropout_p = check_dropout(dropout_p)
     is_causal = bool(is_causal)
-    L, E, S, Ev = query.shape[-2], query.shape[-1], key.shape[-2], value.shape[-1]
+    L, E, S = query.shape[-2], query.shape[-1], key.shape[-2]
     shapes = f"query {_shape(query)}, key {_shape(key)}, value {_shape(value)}"
 
     # Leading dimensions, padded to one rank n: (..., heads).

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import compute_dtype, repeat_kv, sdpa_inputs
+from ._checks import accumulation_dtype, repeat_kv, sdpa_inputs
 from .softmax import softmax
 
 __all__ = ["scaled_dot_product_attention", "attention_ref", "attention_weights"]
@@ -45,7 +45,7 @@ def _weights(query, key, attn_mask, is_causal, scale, dtype):
 def _sdpa_core(query, key, value, attn_mask, dropout_p, is_causal, scale, dtype=None):
     """The 4-D core, computed in ``dtype`` (default: float32 for float16/bfloat16 inputs,
     as PyTorch's math path does) and cast back to the inputs' dtype."""
-    dtype = compute_dtype(query.dtype) if dtype is None else dtype
+    dtype = accumulation_dtype(query.dtype) if dtype is None else dtype
     weights = _weights(query, key, attn_mask, is_causal, scale, dtype)  # (B, Hq, L, S)
     if dropout_p > 0.0:
         weights = F.dropout(weights, p=dropout_p, training=True)
@@ -133,5 +133,5 @@ def attention_weights(
     S = args.key.shape[-2]
     if args.empty:
         return args.zeros(S)
-    w = _weights(args.query, args.key, args.attn_mask, args.is_causal, args.scale, compute_dtype(query.dtype))
+    w = _weights(args.query, args.key, args.attn_mask, args.is_causal, args.scale, accumulation_dtype(query.dtype))
     return args.finish(w.to(query.dtype))

@@ -1,11 +1,11 @@
 """Benchmark harness: time and memory of every attention variant over a sweep of ``L``
-(chapter 12).
+(chapter 18).
 
-    python -m attention_lib.bench --device cpu  --out book/data/cpu-<machine>.csv
-    python -m attention_lib.bench --device cuda --out book/data/<gpu>.csv
+    python -m attention_lib.bench --device cpu  --out attention_lib/data/cpu-<machine>.csv
+    python -m attention_lib.bench --device cuda --out attention_lib/data/<gpu>.csv
     python -m attention_lib.bench --device cpu --quick          # under 2 minutes
 
-What it does, and why (each point is a way timing goes wrong, chapter 12):
+What it does, and why (each point is a way timing goes wrong, chapter 18):
 
 * **Timers that know the device.** On CUDA with Triton installed, each measurement is
   ``triton.testing.do_bench``: CUDA events, a warm-up, an L2 flush before every run,
@@ -40,32 +40,40 @@ What it does, and why (each point is a way timing goes wrong, chapter 12):
   would exceed the cap (status ``skipped``).
 
 The CSV starts with ``#`` lines of provenance (device, driver/CUDA, versions, dtype,
-date, exact command); :func:`load_results` reads it back.
+date, exact command); :func:`load_results` reads it back. Recorded sweeps are package
+data, in ``attention_lib/data/`` (chapter 18 plots every CSV there).
+
+This module is the harness: the variants, the inputs, the timers, the sweep and the
+command line. The cost model (:func:`flops`, :func:`linear_flops`,
+:func:`attention_bytes`) is :mod:`attention_lib.cost`, the results file (:data:`COLUMNS`,
+:func:`provenance`, :func:`write_results`, :func:`load_results`, :func:`format_table`)
+is :mod:`attention_lib.results`; both are re-exported here.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
+import functools
 import itertools
 import math
-import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 
+from .cost import attention_bytes, flops, linear_flops, performer_flops
+from .results import COLUMNS, format_table, load_results, provenance, write_results
+
 __all__ = [
     "flops",
     "linear_flops",
+    "performer_flops",
     "attention_bytes",
     "low_precision_dtype",
     "chapter_config",
@@ -85,101 +93,13 @@ __all__ = [
 ]
 
 # ---------------------------------------------------------------------------
-# Counting the work
-# ---------------------------------------------------------------------------
-
-
-def flops(
-    B: int,
-    H: int,
-    Lq: int,
-    Lk: int,
-    D: int,
-    *,
-    causal: bool = False,
-    mode: str = "fwd",
-    window: int | None = None,
-) -> float:
-    """Floating-point operations of attention, as FlashAttention's benchmarks count them.
-
-    The forward pass is two matmuls, ``S = Q Kᵀ`` (``2·Lq·Lk·D`` per head) and
-    ``O = P V`` (the same again): ``4·B·H·Lq·Lk·D``. Causal attention does half of that;
-    the backward pass does five matmuls to the forward's two, so ×2.5.
-
-    Args:
-        B, H: batch size and number of (query) heads.
-        Lq, Lk: query and key lengths.
-        D: head dimension.
-        causal: halve the count (FlashAttention's convention, not ``L(L+1)/2``).
-        mode: ``"fwd"``, ``"bwd"`` or ``"fwd_bwd"`` (×1, ×2.5, ×3.5).
-        window: count only the (query, key) pairs inside a sliding window of this many
-            keys: the causal band ``i - window < j <= i``, or with ``causal=False`` the
-            symmetric band ``|i - j| < window``. The count is exact, not halved.
-
-    Returns:
-        The number of FLOPs (a float).
-    """
-    if mode not in ("fwd", "bwd", "fwd_bwd"):
-        raise ValueError(f"mode must be 'fwd', 'bwd' or 'fwd_bwd', got {mode!r}")
-    if window is None:
-        pairs = Lq * Lk / (2 if causal else 1)
-    else:
-        i = torch.arange(Lq, dtype=torch.int64)
-        lo = (i - window + 1).clamp(min=0)
-        hi = i if causal else (i + window - 1).clamp(max=Lk - 1)
-        pairs = float((hi.clamp(max=Lk - 1) - lo + 1).clamp(min=0).sum())
-    f = 4.0 * B * H * D * pairs
-    return {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}[mode] * f
-
-
-def linear_flops(
-    B: int, H: int, Lq: int, Lk: int, D: int, *, causal: bool = False, mode: str = "fwd", chunk_size: int = 64,
-) -> float:
-    """Matmul FLOPs of :func:`attention_lib.linear_attention`, counted as :func:`flops` counts them.
-
-    Not causal: ``φ(K)ᵀV`` (``2·Lk·D²`` per head) and ``φ(Q)(φ(K)ᵀV)`` (``2·Lq·D²``).
-    Causal, in chunks of ``C = chunk_size``: the masked ``C × C`` scores and their
-    product with ``V`` inside each chunk (``4·Lq·C·D``, the whole chunk is computed),
-    plus one ``D × D`` state per chunk, built and applied (``4·Lq·D²``). The
-    normalisers and feature maps are left out, as the softmax is for exact
-    attention. The backward pass of a matmul costs twice its forward (no
-    recomputation here), so ``fwd_bwd`` is ×3 and ``bwd`` ×2.
-
-    Counting linear attention with the exact-attention formula would credit it with
-    work it never does (a "fraction of peak" above 1 on a CPU).
-    """
-    if mode not in ("fwd", "bwd", "fwd_bwd"):
-        raise ValueError(f"mode must be 'fwd', 'bwd' or 'fwd_bwd', got {mode!r}")
-    if causal:
-        C = min(chunk_size, Lq)
-        n = -(-Lq // C)
-        f = 4.0 * n * C * C * D + 4.0 * n * C * D * D
-    else:
-        f = 2.0 * Lk * D * D + 2.0 * Lq * D * D
-    return {"fwd": 1.0, "bwd": 2.0, "fwd_bwd": 3.0}[mode] * B * H * f
-
-
-def attention_bytes(
-    B: int, H: int, Lq: int, Lk: int, D: int, *, element_size: int = 2, scores_in_memory: bool = True
-) -> float:
-    """Bytes a forward pass must move to and from main memory, in a simple model.
-
-    ``Q``, ``K``, ``V`` are read and ``O`` written once: ``(2·Lq + 2·Lk)·D`` elements per
-    head. With ``scores_in_memory`` (naive attention), the ``Lq × Lk`` score matrix is
-    written and read back, and so are the probabilities: ``4·Lq·Lk`` elements more.
-    A tiled kernel (FlashAttention) keeps them on chip, so ``scores_in_memory=False``.
-    This is the compulsory traffic; a real kernel re-reads ``K`` and ``V`` once per
-    query tile, from the L2 cache if it is lucky.
-    """
-    elems = (2 * Lq + 2 * Lk) * D + (4 * Lq * Lk if scores_in_memory else 0)
-    return float(B * H * elems * element_size)
-
-
-# ---------------------------------------------------------------------------
 # The variants
 # ---------------------------------------------------------------------------
 
 SDPA_BACKENDS = ("MATH", "EFFICIENT_ATTENTION", "FLASH_ATTENTION", "CUDNN_ATTENTION")
+# variants that loop over tiles or blocks in Python: ``max_len_python_loops`` caps them
+PYTHON_LOOP_VARIANTS = ("flash", "block_sparse", "paged")
+PAGED_BLOCK_SIZE = 16  # tokens per block of the paged variant's cache (vLLM's default)
 
 
 @dataclass
@@ -191,7 +111,8 @@ class Variant:
     variants that materialise the ``Lq × Lk`` scores (for ``--mem-cap-gib``);
     ``max_len`` skips lengths above it (slow Python-loop variants). ``flops_fn``
     counts the work of a variant that does not do exact attention's (the signature
-    of :func:`linear_flops`); None means :func:`flops`.
+    of :func:`linear_flops`); None means :func:`flops`. ``forward_only`` variants get
+    a ``skipped`` row in ``fwd_bwd`` mode.
     """
 
     name: str
@@ -203,6 +124,7 @@ class Variant:
     max_len: int | None = None
     note: str = ""
     flops_fn: Callable[..., float] | None = None
+    forward_only: bool = False
 
 
 def _lib_function(name: str):
@@ -224,6 +146,26 @@ def _sdpa_backend_fn(backend_name: str):
     return fn
 
 
+def _paged_fn(paged_attention: Callable[..., torch.Tensor], cache_cls: Any, block_size: int = PAGED_BLOCK_SIZE):
+    """``fn(q, k, v, causal)`` through a paged cache: one sequence per batch row, built in the call.
+
+    The harness times the whole call, so the time includes writing every key and value
+    into the block pool (``PagedKVCache.append``), not only ``paged_attention``'s reads.
+    """
+
+    def call(q, k, v, causal):
+        B, Hkv, S, D = k.shape
+        per_seq = -(-S // block_size)
+        cache = cache_cls(max(1, B * per_seq), block_size, Hkv, D, value_dim=v.shape[-1], dtype=k.dtype,
+                          device=k.device)
+        ids = [cache.add_sequence() for _ in range(B)]
+        for b, seq in enumerate(ids):
+            cache.append(seq, k[b], v[b])  # (Hkv, S, D) into blocks of (block_size, Hkv, D)
+        return paged_attention(q, cache, ids, is_causal=causal)
+
+    return call
+
+
 def get_variants(
     device: str | torch.device = "cpu",
     names: Iterable[str] | None = None,
@@ -237,9 +179,13 @@ def get_variants(
     Names: ``naive``, ``sdpa`` (PyTorch's own dispatch: the baseline of every time
     ratio), ``sdpa_math``, ``sdpa_efficient``, ``sdpa_flash``, ``sdpa_cudnn`` (one SDPA
     backend each, forced with ``sdpa_kernel``), ``flash`` (pure PyTorch), ``triton``,
-    ``chunked``, ``sliding_window``, ``linear`` and ``flex`` (PyTorch's FlexAttention,
+    ``chunked``, ``sliding_window``, ``linear``, ``split_k`` (Flash-Decoding's split
+    keys), ``performer`` (FAVOR+, 256 features, approximate), ``block_sparse`` (dense
+    attention through the block-sparse tile loop), ``paged`` (a paged KV cache, forward
+    only, its build timed too) and ``flex`` (PyTorch's FlexAttention,
     see :func:`_flex_variant`). Missing library functions are returned with
     ``fn=None`` and a reason, so the sweep records them as unavailable.
+    ``max_len_python_loops`` caps the variants of :data:`PYTHON_LOOP_VARIANTS`.
 
     ``flex_compile``: None compiles FlexAttention on CUDA and leaves it out on the CPU
     (inductor's C++ compile takes tens of seconds per shape there); False runs it
@@ -281,6 +227,20 @@ def get_variants(
         note=f"window={window}: causal band of {window} keys, or symmetric band if not causal")
     lib("linear", "linear_attention", lambda f: lambda q, k, v, c: f(q, k, v, is_causal=c),
         exact=False, flops_fn=linear_flops, note="elu+1 feature map; FLOPs of its own matmuls (linear_flops)")
+    lib("split_k", "split_k_attention", lambda f: lambda q, k, v, c: f(q, k, v, is_causal=c, num_splits=8),
+        note="Flash-Decoding: keys in 8 splits, merged by online softmax")
+    lib("performer", "performer_attention",
+        lambda f: lambda q, k, v, c: f(q, k, v, is_causal=c, num_features=256,
+                                       generator=torch.Generator(device=q.device).manual_seed(0)),
+        exact=False, flops_fn=functools.partial(performer_flops, num_features=256),
+        note="FAVOR+, m=256 random features; FLOPs of its own matmuls (performer_flops)")
+    lib("block_sparse", "block_sparse_attention",
+        lambda f: lambda q, k, v, c: f(q, k, v, is_causal=c, BLOCK_SIZE=128), max_len=max_len_python_loops,
+        note="dense (or causal) mask through the block-sparse tile loop, BLOCK_SIZE=128")
+    paged_cache = _lib_function("PagedKVCache")
+    lib("paged", "paged_attention", lambda f: _paged_fn(f, paged_cache), max_len=max_len_python_loops,
+        forward_only=True, note=f"PagedKVCache, blocks of {PAGED_BLOCK_SIZE}, one sequence per batch row; forward "
+                                "only; the time includes building the cache (append), which the harness cannot exclude")
     out.append(_flex_variant(device, flex_compile))
     if names is not None:
         wanted = list(names)
@@ -326,7 +286,7 @@ def _flex_variant(device: torch.device, compile: bool | None) -> Variant:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError as exc:
         return Variant("flex", None, reason=f"unavailable: torch.nn.attention.flex_attention ({exc})")
-    fn = flex_attention
+    fn: Callable[..., torch.Tensor] = flex_attention  # torch.compile returns a plain callable
     if compile:
         _raise_recompile_limit()
         fn = torch.compile(flex_attention, dynamic=False)
@@ -471,11 +431,6 @@ def _short(text: str, n: int = 160) -> str:
 # The sweep
 # ---------------------------------------------------------------------------
 
-COLUMNS = [
-    "variant", "mode", "status", "reason", "dtype", "B", "H", "Lq", "Lk", "D", "causal", "window",
-    "time_ms", "iqr_ms", "n_timed", "flops", "tflops", "frac_peak", "peak_mem_bytes",
-    "time_ratio_sdpa", "mem_ratio_naive", "n_input_sets", "timer",
-]
 
 
 @dataclass
@@ -508,6 +463,9 @@ def _one(variant: Variant, cfg: _Config, device: torch.device, *, min_run_time: 
     if variant.max_len is not None and cfg.L > variant.max_len:
         row.update(status="skipped", reason=f"L > {variant.max_len} (too slow in this sweep)")
         return row
+    if variant.forward_only and cfg.mode != "fwd":
+        row.update(status="skipped", reason=f"forward only: {variant.name} is not timed in {cfg.mode}")
+        return row
     elem = torch.tensor([], dtype=cfg.dtype).element_size()
     if variant.quadratic_memory and mem_cap_bytes is not None:
         # the scores and the probabilities, twice more for the backward's saved copies
@@ -522,18 +480,23 @@ def _one(variant: Variant, cfg: _Config, device: torch.device, *, min_run_time: 
         n_sets = _n_sets(4 * cfg.B * cfg.H * cfg.L * cfg.D * elem, device)
         sets = make_inputs(cfg.B, cfg.H, cfg.L, cfg.L, cfg.D, dtype=cfg.dtype, device=device, n_sets=n_sets)
         row["n_input_sets"] = n_sets
+        step_on: Callable[..., Any]
         if cfg.mode == "fwd":
             sets = [(q, k, v) for q, k, v, _ in sets]
 
-            def step_on(q, k, v):
+            def step_fwd(q, k, v):
                 with torch.no_grad():
                     return fn(q, k, v, cfg.causal)
+
+            step_on = step_fwd
         else:
             sets = [(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), do) for q, k, v, do in sets]
 
-            def step_on(q, k, v, do):
+            def step_fwd_bwd(q, k, v, do):
                 out = fn(q, k, v, cfg.causal)
                 return torch.autograd.grad(out, (q, k, v), do)
+
+            step_on = step_fwd_bwd
 
         cycle = itertools.cycle(sets)
 
@@ -549,7 +512,7 @@ def _one(variant: Variant, cfg: _Config, device: torch.device, *, min_run_time: 
                     torch.cuda.synchronize(device)
             except RuntimeError as exc:
                 if _is_unavailable(exc):
-                    why = "; ".join(_short(w.message, 100) for w in caught[:3])
+                    why = "; ".join(_short(str(w.message), 100) for w in caught[:3])
                     row.update(status="unavailable",
                                reason=f"unavailable on {device.type}: {_short(str(exc).split('. ')[0], 80)}"
                                + (f" ({why})" if why else ""))
@@ -575,9 +538,9 @@ def _one(variant: Variant, cfg: _Config, device: torch.device, *, min_run_time: 
         t = time_call(step, device, min_run_time=max(min_run_time, 2.5 * t_once))
     except Exception as exc:  # an OOM is a result; anything else is recorded, not raised
         if _is_oom(exc):
-            row.update(status="OOM", reason=_short(exc, 120))
+            row.update(status="OOM", reason=_short(str(exc), 120))
         else:
-            row.update(status="error", reason=f"{type(exc).__name__}: {_short(exc, 120)}")
+            row.update(status="error", reason=f"{type(exc).__name__}: {_short(str(exc), 120)}")
         return row
     finally:
         sets = None
@@ -646,7 +609,8 @@ def run_sweep(
         variants: names (see :func:`get_variants`) or ready :class:`Variant` objects.
         window: the sliding window's size.
         max_len_bwd: skip ``fwd_bwd`` above this ``L``.
-        max_len_python_loops: skip the pure-PyTorch ``flash`` above this ``L``.
+        max_len_python_loops: skip the Python-loop variants (:data:`PYTHON_LOOP_VARIANTS`)
+            above this ``L``.
         min_run_time: seconds each ``blocked_autorange`` runs at least (it also runs at
             least ~2.5 calls).
         mem_cap_gib: skip quadratic-memory variants whose estimate exceeds this.
@@ -663,11 +627,13 @@ def run_sweep(
         Rows with the keys of :data:`COLUMNS` (missing ones mean "not measured").
     """
     device = torch.device(device)
-    if variants is None or all(isinstance(v, str) for v in variants):
-        vs = get_variants(device, variants, window=window, max_len_python_loops=max_len_python_loops,
+    given = None if variants is None else list(variants)
+    if given is None or all(isinstance(v, str) for v in given):
+        names = None if given is None else [v for v in given if isinstance(v, str)]  # all of them
+        vs = get_variants(device, names, window=window, max_len_python_loops=max_len_python_loops,
                           flex_compile=flex_compile)
     else:
-        vs = list(variants)
+        vs = cast("list[Variant]", given)
     cfgs = []
     for dtype, D, c, mode, L in itertools.product(dtypes, head_dims, causal, modes, lengths):
         if mode == "fwd_bwd" and max_len_bwd is not None and L > max_len_bwd:
@@ -705,7 +671,7 @@ def _progress(items, enabled: bool):
 
 def chapter_config(device: str | torch.device, *, lengths: Iterable[int] | None = None,
                    dtype: torch.dtype | None = None) -> dict:
-    """The live sweep of chapter 12, section 12.3, for ``device``: keyword arguments of :func:`run_sweep`.
+    """The live sweep of chapter 18, section 18.3, for ``device``: keyword arguments of :func:`run_sweep`.
 
     On CUDA: L = 1024…8192, B = 1, H = 16, D = 128 in :func:`low_precision_dtype`, every
     variant; the pure-PyTorch ``flash`` (a Python loop over tiles, which on a GPU times
@@ -715,6 +681,7 @@ def chapter_config(device: str | torch.device, *, lengths: Iterable[int] | None 
     at tiny lengths on the CPU); the skip rule follows the lengths.
     """
     device = torch.device(device)
+    cfg: dict[str, Any]
     if device.type == "cuda":
         cfg = dict(lengths=[1024, 2048, 4096, 8192], dtypes=[dtype or low_precision_dtype(device)], heads=16,
                    head_dims=[128], window=256, min_run_time=0.1,
@@ -736,7 +703,8 @@ def unexpected_rows(rows: list[dict], config: dict | None = None) -> list[dict]:
 
     Expected: ``ok``; ``unavailable`` (a backend or variant this device lacks);
     ``skipped`` because ``L`` is above the ``max_len_python_loops`` of ``config``
-    (when given) or above the memory cap. Anything else (``error``, ``OOM``, a skip
+    (when given, for :data:`PYTHON_LOOP_VARIANTS`), above the memory cap, or because
+    a forward-only variant is not timed backward. Anything else (``error``, ``OOM``, a skip
     the configuration did not ask for) is returned, so that ``assert not
     unexpected_rows(rows, config)`` fails with the rows in the message.
     """
@@ -747,144 +715,12 @@ def unexpected_rows(rows: list[dict], config: dict | None = None) -> list[dict]:
             continue
         reason = str(r.get("reason", ""))
         if r["status"] == "skipped" and (
-                (cap is not None and r["variant"] == "flash" and r["Lq"] > cap and reason.startswith("L >"))
-                or "memory cap" in reason):
+                (cap is not None and r["variant"] in PYTHON_LOOP_VARIANTS and r["Lq"] > cap
+                 and reason.startswith("L >"))
+                or "memory cap" in reason or reason.startswith("forward only")):
             continue
         bad.append(r)
     return bad
-
-
-# ---------------------------------------------------------------------------
-# Provenance and the CSV
-# ---------------------------------------------------------------------------
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _nvidia_driver() -> str:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown"
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return "unknown"
-
-
-def provenance(device: str | torch.device = "cpu", **extra: Any) -> dict[str, str]:
-    """Where and how results were produced: the CSV's ``#`` header, as a dict."""
-    device = torch.device(device)
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
-    import attention_lib
-
-    p = {"device_type": device.type}
-    if device.type == "cuda":
-        p["device"] = torch.cuda.get_device_name(device)
-        p["driver"] = _nvidia_driver()
-        p["cuda"] = str(torch.version.cuda)
-    else:
-        p["device"] = _cpu_name()
-        p["threads"] = str(torch.get_num_threads())
-    p.update({
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "attention_lib": getattr(attention_lib, "__version__", "?"),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "command": " ".join(shlex.quote(a) for a in sys.argv),
-    })
-    p.update({k: str(v) for k, v in extra.items()})
-    return p
-
-
-def write_results(path: str | os.PathLike, rows: list[dict], prov: dict[str, str]) -> None:
-    """Write ``rows`` as CSV, after ``# key: value`` provenance lines."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        for k, v in prov.items():
-            f.write(f"# {k}: {' '.join(str(v).split())}\n")
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _fmt(r.get(k, "")) for k in COLUMNS})
-
-
-def _fmt(x):
-    if isinstance(x, float):
-        return f"{x:.6g}"
-    return x
-
-
-_INT = {"B", "H", "Lq", "Lk", "D", "n_timed", "n_input_sets", "peak_mem_bytes", "window"}
-_FLOAT = {"time_ms", "iqr_ms", "flops", "tflops", "frac_peak", "time_ratio_sdpa", "mem_ratio_naive"}
-
-
-def load_results(path: str | os.PathLike) -> tuple[list[dict], dict[str, str]]:
-    """Read a CSV written by :func:`write_results`: ``(rows, provenance)``.
-
-    Numbers come back as ``int``/``float``, ``causal`` as ``bool``, and cells that
-    were not measured (OOM, unavailable, no baseline) as ``None``.
-    """
-    prov: dict[str, str] = {}
-    lines = []
-    with open(path, newline="") as f:
-        for line in f:
-            if line.startswith("#"):
-                k, _, v = line[1:].strip().partition(":")
-                prov[k.strip()] = v.strip()
-            else:
-                lines.append(line)
-    rows = []
-    for r in csv.DictReader(lines):
-        out: dict[str, Any] = {}
-        for k, v in r.items():
-            if k in _INT:
-                out[k] = int(float(v)) if v not in ("", None) else None
-            elif k in _FLOAT:
-                out[k] = float(v) if v not in ("", None) else None
-            elif k == "causal":
-                out[k] = v == "True"
-            else:
-                out[k] = v
-        rows.append(out)
-    return rows, prov
-
-
-def format_table(rows: list[dict], columns: Iterable[str] = ("variant", "mode", "Lq", "D", "causal", "status",
-                                                              "time_ms", "tflops", "time_ratio_sdpa",
-                                                              "peak_mem_bytes", "mem_ratio_naive")) -> str:
-    """A plain-text table of ``rows`` (numbers to 3-4 significant digits)."""
-    columns = list(columns)
-
-    def cell(r, c):
-        x = r.get(c)
-        if x is None or x == "":
-            return "-"
-        if c == "peak_mem_bytes":
-            return f"{x / 2**20:.1f}M"
-        if isinstance(x, float):
-            return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
-        return str(x)
-
-    body = [[cell(r, c) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(x.ljust(w) for x, w in zip(b, widths)) for b in body]
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------
@@ -917,7 +753,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="a small sweep, under 2 minutes")
-    parser.add_argument("--out", default=None, help="CSV path (default: book/data/<device>[-quick].csv)")
+    parser.add_argument("--out", default=None, help="CSV path (default: ./<device>[-quick].csv; the book's "
+                        "recorded sweeps are attention_lib/data/*.csv)")
     parser.add_argument("--dtype", nargs="+", choices=sorted(_DTYPES), default=None,
                         help="default: bf16 on cuda (fp16 before compute capability 8.0), fp32 on cpu")
     parser.add_argument("--lengths", nargs="+", type=int, default=None)
@@ -930,7 +767,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--max-len-bwd", type=int, default=None, help="skip fwd_bwd above this L")
     parser.add_argument("--max-len-python-loops", type=int, default=None,
-                        help="skip the pure-PyTorch flash above this L (default: 8192 on cuda, none on cpu)")
+                        help="skip the Python-loop variants (flash, block_sparse, paged) above this L "
+                             "(default: 8192 on cuda, none on cpu)")
     parser.add_argument("--mem-cap-gib", type=float, default=None,
                         help="skip naive/sdpa_math where their estimated peak exceeds this "
                              "(default on cpu: 8, or half the available memory if less; none on cuda)")
@@ -956,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
     mem_cap = args.mem_cap_gib
     if mem_cap is None and args.device == "cpu":
         mem_cap = min(8.0, _available_gib() / 2)
-    out = args.out or os.path.join("book", "data", f"{args.device}{'-quick' if args.quick else ''}.csv")
+    out = args.out or f"{args.device}{'-quick' if args.quick else ''}.csv"
 
     peak = measure_matmul_peak(device)
     print(f"matmul peak: {peak['tflops']:.3g} TFLOP/s ({peak['dtype']} {peak['n']}x{peak['n']}, measured now)",
@@ -972,7 +810,8 @@ def main(argv: list[str] | None = None) -> int:
               f"B={'16384//L' if callable(batch) else batch} H={'2048//D' if callable(heads) else heads} "
               f"window={args.window} mem_cap_gib={mem_cap}",
         flops="FlashAttention's formula: 4*B*H*Lq*Lk*D forward, /2 causal, x2.5 backward (x3.5 fwd_bwd); "
-              "sliding_window counts only the pairs in its band; linear counts its own matmuls (linear_flops)",
+              "sliding_window counts only the pairs in its band; linear and performer count their own matmuls "
+              "(linear_flops, performer_flops)",
         memory="attention_lib.memory.peak_memory: torch.cuda.max_memory_allocated on CUDA; on CPU a storage "
                "tracker that does not see scratch buffers inside one C++ kernel",
     )

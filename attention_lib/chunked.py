@@ -16,11 +16,10 @@ recomputes one query chunk at a time, so training needs ``O(q_chunk · S)`` memo
 
 from __future__ import annotations
 
-
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ._checks import check_no_dropout, check_positive_int, compute_dtype, sdpa_inputs
+from ._checks import accumulation_dtype, check_no_dropout, check_positive_int, sdpa_inputs
 from .online_softmax import attention_block, merge_attention
 
 __all__ = ["chunked_attention"]
@@ -92,9 +91,9 @@ def _chunked_core(query, key, value, attn_mask, dropout_p, is_causal, scale, *, 
     """The 4-D core: query (B, Hq, L, E), key (B, Hkv, S, E), value (B, Hkv, S, Ev),
     non-empty; returns (B, Hq, L, Ev)."""
     B, Hq, L, E = query.shape
-    Hkv, S, Ev = key.shape[1], key.shape[2], value.shape[-1]
+    Hkv, Ev = key.shape[1], value.shape[-1]
     n_rep = Hq // Hkv
-    acc_dtype = compute_dtype(query.dtype)
+    acc_dtype = accumulation_dtype(query.dtype)
     # Low precision is upcast chunk by chunk, as a GPU kernel accumulates in float32.
     q5 = query.reshape(B, Hkv, n_rep, L, E)  # (B, Hkv, n_rep, L, E): query head g*n_rep + r uses kv head g
     k5 = key.unsqueeze(2).to(acc_dtype)  # (B, Hkv, 1, S, E)

@@ -31,11 +31,10 @@ Memory: ``O(L · D)`` for inputs, outputs and statistics, plus one tile of
 
 from __future__ import annotations
 
-
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._checks import check_no_dropout, check_positive_int, compute_dtype, sdpa_inputs
+from ._checks import accumulation_dtype, check_no_dropout, check_positive_int, sdpa_inputs
 
 __all__ = ["flash_attention"]
 
@@ -214,7 +213,7 @@ def _sum_to_shape(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 def _to_5d(query, key, value, attn_mask, acc_dtype):
     B, Hq, L, E = query.shape
-    Hkv, S = key.shape[1], key.shape[2]
+    Hkv = key.shape[1]
     n_rep = Hq // Hkv
     q = query.reshape(B, Hkv, n_rep, L, E).to(acc_dtype)  # (B, Hkv, n_rep, L, E)
     k = key.unsqueeze(2).to(acc_dtype)  # (B, Hkv, 1, S, E)
@@ -237,7 +236,7 @@ def _to_5d(query, key, value, attn_mask, acc_dtype):
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, attn_mask, is_causal, scale, BLOCK_M, BLOCK_N):
-        acc_dtype = compute_dtype(query.dtype)
+        acc_dtype = accumulation_dtype(query.dtype)
         q, k, v, mask = _to_5d(query, key, value, attn_mask, acc_dtype)
         o, lse = _attn_fwd(q, k, v, mask, is_causal, scale, BLOCK_M, BLOCK_N)
         B, Hq, L, _ = query.shape

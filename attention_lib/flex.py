@@ -16,7 +16,7 @@ mask reuse the kernel. Nothing here is imported or compiled until a function is 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from . import masks
 from ._checks import _shape
+from .masks import cache_causal_mask  # re-exported: it lives with the other masks (chapter 5)
 
-__all__ = ["KVCache", "kv_cache_bytes", "cache_causal_mask", "quantize_absmax"]
+__all__ = ["KVCache", "kv_cache_bytes", "cache_causal_mask", "quantize_absmax", "quantize_minmax"]
 
 
 def kv_cache_bytes(
@@ -34,29 +34,11 @@ def kv_cache_bytes(
     """Bytes held by the keys and values of a whole model: ``2 · layers · B · Hkv · S · D · bytes``.
 
     ``bytes_per_value`` is 2 for fp16/bf16, 1 for int8 (add the scales yourself: for
-    :class:`KVCache` with ``quantize="int8"``, ``2 / group_size`` bytes per key entry and
-    2 bytes per value vector in fp16).
+    :class:`KVCache` with ``quantize="int8"``, ``4 / group_size`` bytes per key entry and
+    4 bytes per value vector for fp16 scales and zero points, half that with
+    ``symmetric=True``).
     """
     return int(2 * num_layers * batch_size * num_kv_heads * seq_len * head_dim * bytes_per_value)
-
-
-def cache_causal_mask(
-    q_len: int, kv_len: int, attn_mask: torch.Tensor | None = None, device: str | torch.device = "cpu"
-) -> torch.Tensor | None:
-    """Bottom-right causal mask for ``q_len`` new queries over ``kv_len`` keys, AND-ed with ``attn_mask``.
-
-    Returns a mask broadcastable to (B, H, q_len, kv_len): bool if ``attn_mask`` is
-    None or bool, additive float if ``attn_mask`` is float. With one new query every
-    key is visible, so ``attn_mask`` is returned unchanged (possibly None).
-    """
-    if q_len == 1 and kv_len >= 1:
-        return attn_mask
-    allowed = masks.create_mask(masks.causal_lower_right(q_len, kv_len), None, None, q_len, kv_len, device)
-    if attn_mask is None:
-        return allowed  # (1, 1, q_len, kv_len)
-    if attn_mask.dtype == torch.bool:
-        return attn_mask & allowed
-    return attn_mask.masked_fill(~allowed, float("-inf"))
 
 
 def quantize_absmax(x: torch.Tensor, dim: int | tuple[int, ...], bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,6 +68,26 @@ def quantize_absmax(x: torch.Tensor, dim: int | tuple[int, ...], bits: int = 8) 
     return codes.round().clamp(-qmax, qmax).to(torch.int8), scale
 
 
+def quantize_minmax(x: torch.Tensor, dim: int | tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 8-bit quantisation (KIVI's): a scale and a zero point per slice over ``dim``.
+
+    ``zero = min x``, ``scale = (max x - min x) / 255``, ``codes = round((x - zero) / scale)``
+    in ``0..255`` and ``x ≈ zero + codes · scale`` with ``|error| <= scale / 2``. Unlike
+    absmax it uses all 256 levels on the range the slice actually covers, which pays
+    when a channel is offset from 0 (chapter 14 measures it).
+
+    Returns:
+        ``(codes, scale, zero)``: uint8 codes of x's shape; scale and zero in x's dtype
+        with ``dim`` kept as size 1. A constant slice has scale 0 and is stored exactly.
+    """
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    lo, hi = x.to(work).amin(dim=dim, keepdim=True), x.to(work).amax(dim=dim, keepdim=True)
+    scale, zero = ((hi - lo) / 255).to(x.dtype), lo.to(x.dtype)  # stored precision
+    s = scale.to(work)
+    codes = torch.where(s > 0, (x.to(work) - zero.to(work)) / s.clamp(min=torch.finfo(work).tiny), 0.0)
+    return codes.round().clamp(0, 255).to(torch.uint8), scale, zero
+
+
 class KVCache:
     """A growing cache of keys and values, stored as (B, Hkv, S, D).
 
@@ -98,7 +100,7 @@ class KVCache:
         quantize: None (store in ``dtype``) or ``"int8"``, KIVI's asymmetric design
             (Liu et al. 2024): keys per *channel*, values per *token*.
 
-            * Values: one scale per head and position (``absmax / 127`` over Dv), set
+            * Values: one scale (and zero point) per head and position, over Dv, set
               when the token arrives.
             * Keys: a few channels carry large magnitudes for every token (outlier
               channels), so a scale per token would be set by them and coarsen every
@@ -109,12 +111,25 @@ class KVCache:
               group is not complete, stay in ``dtype`` (KIVI's full-precision
               residual); when a group fills up it is quantised once and never again.
         group_size: tokens per key group for ``quantize="int8"`` (KIVI uses 32).
+        symmetric: for ``quantize="int8"``: as KIVI, a scale and a zero point per slice
+            (False, the default, :func:`quantize_minmax`: it measured best in chapter 14),
+            or absmax scales alone (True, :func:`quantize_absmax`, chapter 11's design).
         capacity: positions to allocate up front; the storage doubles when full, so
             appending is amortised O(1) per position.
 
     ``update(k, v)`` appends ``T >= 1`` positions and returns every key and value so
     far, ready for attention; ``len(cache)`` is the number of cached positions.
     """
+
+    # storage: codes (int8/uint8) or values in ``dtype``; the scales exist for "int8",
+    # the zero points for "int8" with symmetric=False (see _scales and _zeros)
+    _k: torch.Tensor
+    _v: torch.Tensor
+    _k_scale: torch.Tensor | None
+    _v_scale: torch.Tensor | None
+    _k_zero: torch.Tensor | None
+    _v_zero: torch.Tensor | None
+    _k_tail: torch.Tensor
 
     def __init__(
         self,
@@ -128,6 +143,7 @@ class KVCache:
         quantize: str | None = None,
         group_size: int = 32,
         capacity: int = 16,
+        symmetric: bool = False,
     ):
         if quantize not in (None, "int8"):
             raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
@@ -140,6 +156,7 @@ class KVCache:
         self.value_dim = self.head_dim if value_dim is None else int(value_dim)
         self.dtype, self.device, self.quantize = dtype, torch.device(device), quantize
         self.group_size = int(group_size) if quantize else 1
+        self.symmetric = bool(symmetric)
         self.length = 0
         if quantize:  # keys of the incomplete group, in full precision
             self._k_tail = torch.zeros(self._shape(self.group_size, self.head_dim), dtype=dtype, device=self.device)
@@ -154,25 +171,42 @@ class KVCache:
         """Keys stored as int8: the complete groups."""
         return self.length - self.length % self.group_size if self.quantize else 0
 
+    def _scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key and value scales of an int8 cache."""
+        assert self._k_scale is not None and self._v_scale is not None, "only an int8 cache has scales"
+        return self._k_scale, self._v_scale
+
+    def _zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key and value zero points of an asymmetric int8 cache."""
+        assert self._k_zero is not None and self._v_zero is not None, "only symmetric=False has zero points"
+        return self._k_zero, self._v_zero
+
     def _alloc(self, cap: int) -> None:
         G, n = self.group_size, self.length
         cap = -(-cap // G) * G  # a whole number of key groups
         if self.quantize == "int8":
-            k = torch.zeros(self._shape(cap, self.head_dim), dtype=torch.int8, device=self.device)
+            code = torch.int8 if self.symmetric else torch.uint8
+            k = torch.zeros(self._shape(cap, self.head_dim), dtype=code, device=self.device)
             ks = torch.zeros(self._shape(cap // G, self.head_dim), dtype=self.dtype, device=self.device)
-            v = torch.zeros(self._shape(cap, self.value_dim), dtype=torch.int8, device=self.device)
+            v = torch.zeros(self._shape(cap, self.value_dim), dtype=code, device=self.device)
             vs = torch.zeros(self._shape(cap, 1), dtype=self.dtype, device=self.device)
+            kz, vz = (None, None) if self.symmetric else (torch.zeros_like(ks), torch.zeros_like(vs))  # zero points
             if n:
                 nq = self._n_quantized
-                k[:, :, :nq], ks[:, :, : nq // G] = self._k[:, :, :nq], self._k_scale[:, :, : nq // G]
-                v[:, :, :n], vs[:, :, :n] = self._v[:, :, :n], self._v_scale[:, :, :n]
+                old_ks, old_vs = self._scales()
+                k[:, :, :nq], ks[:, :, : nq // G] = self._k[:, :, :nq], old_ks[:, :, : nq // G]
+                v[:, :, :n], vs[:, :, :n] = self._v[:, :, :n], old_vs[:, :, :n]
+                if kz is not None and vz is not None:
+                    old_kz, old_vz = self._zeros()
+                    kz[:, :, : nq // G], vz[:, :, :n] = old_kz[:, :, : nq // G], old_vz[:, :, :n]
+            self._k, self._v, self._k_scale, self._v_scale = k, v, ks, vs
+            self._k_zero, self._v_zero = kz, vz
         else:
             k = torch.zeros(self._shape(cap, self.head_dim), dtype=self.dtype, device=self.device)
             v = torch.zeros(self._shape(cap, self.value_dim), dtype=self.dtype, device=self.device)
-            ks = vs = None
             if n:
                 k[:, :, :n], v[:, :, :n] = self._k[:, :, :n], self._v[:, :, :n]
-        self._k, self._v, self._k_scale, self._v_scale = k, v, ks, vs
+            self._k, self._v, self._k_scale, self._v_scale = k, v, None, None
 
     @property
     def capacity(self) -> int:
@@ -187,12 +221,14 @@ class KVCache:
 
         For ``"int8"``: per position ``D + Dv`` one-byte codes and one value scale; per
         complete key group ``D`` key scales; the keys of the incomplete group in ``dtype``.
+        With ``symmetric=False`` every scale has a zero point beside it.
         """
         per_head = self.length * (self.head_dim + self.value_dim) * self._k.element_size()
         if self.quantize == "int8":
-            elt, nq, G = self._v_scale.element_size(), self._n_quantized, self.group_size
+            elt, nq, G = self._scales()[1].element_size(), self._n_quantized, self.group_size
             tail = self.length - nq
-            per_head += self.length * elt + (nq // G) * self.head_dim * elt  # value and key scales
+            params = 1 if self.symmetric else 2  # a scale, and a zero point if asymmetric
+            per_head += params * (self.length * elt + (nq // G) * self.head_dim * elt)  # value and key scales
             per_head += tail * self.head_dim * (elt - 1)  # the tail's keys are in dtype, not int8
         return self.batch_size * self.num_kv_heads * per_head
 
@@ -224,7 +260,11 @@ class KVCache:
             self._alloc(max(2 * self.capacity, self.length + T))
         pos = slice(self.length, self.length + T)
         if self.quantize == "int8":
-            self._v[:, :, pos], self._v_scale[:, :, pos] = quantize_absmax(value, dim=-1)  # per token
+            v_scale = self._scales()[1]
+            if self.symmetric:
+                self._v[:, :, pos], v_scale[:, :, pos] = quantize_absmax(value, dim=-1)  # per token
+            else:
+                self._v[:, :, pos], v_scale[:, :, pos], self._zeros()[1][:, :, pos] = quantize_minmax(value, dim=-1)
             self._append_keys(key)
         else:
             self._k[:, :, pos], self._v[:, :, pos] = key, value
@@ -234,13 +274,18 @@ class KVCache:
     def _append_keys(self, key: torch.Tensor) -> None:
         """Int8 keys: complete groups are quantised per channel, the rest waits in the tail."""
         G, nq = self.group_size, self._n_quantized
+        k_scale = self._scales()[0]
         pending = torch.cat([self._k_tail[:, :, : self.length - nq], key], dim=2)  # (B, Hkv, tail + T, D)
         n_full = pending.shape[2] // G * G
         if n_full:
             groups = pending[:, :, :n_full].unflatten(2, (n_full // G, G))  # (B, Hkv, groups, G, D)
-            codes, scale = quantize_absmax(groups, dim=-2)  # scale: (B, Hkv, groups, 1, D), per channel
+            if self.symmetric:
+                codes, scale = quantize_absmax(groups, dim=-2)  # scale: (B, Hkv, groups, 1, D), per channel
+            else:
+                codes, scale, zero = quantize_minmax(groups, dim=-2)
+                self._zeros()[0][:, :, nq // G : (nq + n_full) // G] = zero.squeeze(-2)
             self._k[:, :, nq : nq + n_full] = codes.flatten(2, 3)
-            self._k_scale[:, :, nq // G : (nq + n_full) // G] = scale.squeeze(-2)
+            k_scale[:, :, nq // G : (nq + n_full) // G] = scale.squeeze(-2)
         rest = pending.shape[2] - n_full
         self._k_tail[:, :, :rest] = pending[:, :, n_full:]
 
@@ -250,14 +295,18 @@ class KVCache:
             return self._k[:, :, : self.length]
         G, nq = self.group_size, self._n_quantized
         codes = self._k[:, :, :nq].unflatten(2, (nq // G, G))  # (B, Hkv, groups, G, D)
-        done = (codes.to(self.dtype) * self._k_scale[:, :, : nq // G].unsqueeze(-2)).flatten(2, 3)
+        done = codes.to(self.dtype) * self._scales()[0][:, :, : nq // G].unsqueeze(-2)  # (B, Hkv, groups, G, D)
+        if not self.symmetric:
+            done = self._zeros()[0][:, :, : nq // G].unsqueeze(-2) + done
+        done = done.flatten(2, 3)
         return torch.cat([done, self._k_tail[:, :, : self.length - nq]], dim=2)
 
     def values(self) -> torch.Tensor:
         """Every cached value: (B, Hkv, S, Dv)."""
         v = self._v[:, :, : self.length]
         if self.quantize == "int8":
-            return v.to(self.dtype) * self._v_scale[:, :, : self.length]
+            out = v.to(self.dtype) * self._scales()[1][:, :, : self.length]
+            return out if self.symmetric else self._zeros()[1][:, :, : self.length] + out
         return v
 
     def reset(self) -> None:
@@ -265,7 +314,7 @@ class KVCache:
         self.length = 0
 
     def __repr__(self) -> str:
-        q = f", quantize={self.quantize}, group_size={self.group_size}" if self.quantize else ""
+        q = f", quantize={self.quantize}, group_size={self.group_size}, symmetric={self.symmetric}" if self.quantize else ""
         return (
             f"KVCache(B={self.batch_size}, Hkv={self.num_kv_heads}, D={self.head_dim}, len={self.length}, "
             f"capacity={self.capacity}, dtype={self.dtype}{q})"

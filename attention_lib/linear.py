@@ -21,12 +21,13 @@ tokens, plus a cumulative sum of one ``D × Dv`` state per chunk for everything 
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from ._checks import _shape, check_attention_args, repeat_kv
+from ._checks import _shape, accumulation_dtype, check_attention_args, repeat_kv
 
 __all__ = ["FEATURE_MAPS", "LinearAttentionState", "linear_attention", "linear_attention_step"]
 
@@ -42,10 +43,6 @@ def _feature_map(feature_map) -> Callable[[torch.Tensor], torch.Tensor]:
     if feature_map not in FEATURE_MAPS:
         raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)} or a callable, got {feature_map!r}")
     return FEATURE_MAPS[feature_map]
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_unsupported(attn_mask, dropout_p, scale) -> None:
@@ -100,7 +97,7 @@ def linear_attention(
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     phi = _feature_map(feature_map)
-    acc = _acc_dtype(query.dtype)
+    acc = accumulation_dtype(query.dtype)
     B, Hq, L, _ = query.shape
     fq = phi(query.to(acc))  # (B, H, L, D)
     fk = repeat_kv(phi(key.to(acc)), Hq)  # (B, H, S, D)
@@ -115,7 +112,6 @@ def linear_attention(
 
     # Top-left causal: query i sees keys 0..i, so only the first L keys matter, and
     # missing keys are zero features (they add nothing to S or z).
-    S = fk.shape[2]
     fk, v = fk[:, :, :L], v[:, :, :L]
     C = chunk_size
     n = -(-L // C)
@@ -184,7 +180,7 @@ def linear_attention_step(
             f"{_shape(key)} must have length 1 in dim 2"
         )
     phi = _feature_map(feature_map)
-    acc = _acc_dtype(query.dtype)
+    acc = accumulation_dtype(query.dtype)
     B, Hq, _, D = query.shape
     Hkv, Dv = key.shape[1], value.shape[-1]
     fk = phi(key.to(acc))[:, :, 0]  # (B, Hkv, D)

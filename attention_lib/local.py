@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_positive_int, check_window, compute_dtype, is_causal_bias, repeat_kv, sdpa_inputs
+from ._checks import accumulation_dtype, check_positive_int, check_window, is_causal_bias, repeat_kv, sdpa_inputs
 
 __all__ = ["sliding_window_attention"]
 
@@ -50,7 +50,7 @@ def _sliding_window_core(query, key, value, attn_mask, dropout_p, is_causal, sca
         block_q = min(128, max(16, window))
     B, Hq, L, E = query.shape
     S = key.shape[2]
-    dtype = compute_dtype(query.dtype)  # float16/bfloat16 are computed in float32
+    dtype = accumulation_dtype(query.dtype)  # float16/bfloat16 are computed in float32
     query = query.to(dtype)
     key, value = repeat_kv(key.to(dtype), Hq), repeat_kv(value.to(dtype), Hq)  # (B, Hq, S, E), (B, Hq, S, Ev)
     left = window - 1  # how far back a query reaches

@@ -22,7 +22,8 @@ Causal alignment. With ``L`` queries and ``S`` keys and ``L != S``:
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
+from typing import cast
 
 import torch
 
@@ -38,9 +39,12 @@ __all__ = [
     "and_masks",
     "or_masks",
     "create_mask",
+    "cache_causal_mask",
 ]
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# FlexAttention's score_mod(score, b, h, q_idx, kv_idx) -> score; create_mask accepts one too
+ScoreMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def causal(b, h, q_idx, kv_idx):
@@ -172,7 +176,7 @@ def _num_positional(fn: Callable) -> int:
 
 
 def create_mask(
-    mask_mod: MaskMod,
+    mask_mod: MaskMod | ScoreMod,
     B: int | None,
     H: int | None,
     Q_LEN: int,
@@ -196,10 +200,11 @@ def create_mask(
     q = torch.arange(Q_LEN, device=device).view(1, 1, Q_LEN, 1)
     kv = torch.arange(KV_LEN, device=device).view(1, 1, 1, KV_LEN)
     n_args = _num_positional(mask_mod)
+    fn = cast(Callable[..., torch.Tensor], mask_mod)  # which of the two it is, we know at run time
     if n_args == 4:
-        out = torch.as_tensor(mask_mod(b, h, q, kv), device=device)
+        out = torch.as_tensor(fn(b, h, q, kv), device=device)
     elif n_args == 5:  # a score_mod: which scores does it leave finite (or +inf)?
-        score = mask_mod(torch.zeros(B, H, Q_LEN, KV_LEN, device=device), b, h, q, kv)
+        score = fn(torch.zeros(B, H, Q_LEN, KV_LEN, device=device), b, h, q, kv)
         out = ~torch.isneginf(torch.as_tensor(score, device=device))
     else:
         raise ValueError(
@@ -207,3 +212,29 @@ def create_mask(
             f"(score, b, h, q_idx, kv_idx); got {n_args}"
         )
     return out.to(torch.bool).expand(B, H, Q_LEN, KV_LEN).contiguous()
+
+
+def cache_causal_mask(
+    q_len: int, kv_len: int, attn_mask: torch.Tensor | None = None, device: str | torch.device = "cpu"
+) -> torch.Tensor | None:
+    """Bottom-right causal mask for ``q_len`` new queries over ``kv_len`` keys, AND-ed with ``attn_mask``.
+
+    The mask of decoding with a KV cache (chapter 11): the new queries are the last
+    ``q_len`` positions, so query ``i`` sees keys ``j <= i + kv_len - q_len``
+    (:func:`causal_lower_right`). For ``q_len=2, kv_len=4``::
+
+        1 1 1 0
+        1 1 1 1
+
+    Returns a mask broadcastable to (B, H, q_len, kv_len): bool if ``attn_mask`` is
+    None or bool, additive float if ``attn_mask`` is float. With one new query every
+    key is visible, so ``attn_mask`` is returned unchanged (possibly None).
+    """
+    if q_len == 1 and kv_len >= 1:
+        return attn_mask
+    allowed = create_mask(causal_lower_right(q_len, kv_len), None, None, q_len, kv_len, device)
+    if attn_mask is None:
+        return allowed  # (1, 1, q_len, kv_len)
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & allowed
+    return attn_mask.masked_fill(~allowed, float("-inf"))

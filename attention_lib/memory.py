@@ -30,8 +30,10 @@ not inside a benchmark.
 
 from __future__ import annotations
 
+import functools
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -61,7 +63,8 @@ class StorageTracker(TorchDispatchMode):
         self.peak = 0
         self._live: dict[int, tuple[weakref.ref, int]] = {}  # storage key -> (weakref, nbytes)
 
-    def _freed(self, key: int) -> None:
+    def _freed(self, key: int, _ref: weakref.ref | None = None) -> None:
+        """The weakref callback of a tracked storage: it was freed."""
         entry = self._live.pop(key, None)
         if entry is not None:
             self.current -= entry[1]
@@ -75,7 +78,7 @@ class StorageTracker(TorchDispatchMode):
                 self._live[key] = (ref, nbytes)
                 self.current += nbytes - old
         elif nbytes > 0:
-            ref = weakref.ref(storage, lambda _, key=key: self._freed(key))
+            ref = weakref.ref(storage, functools.partial(self._freed, key))
             self._live[key] = (ref, nbytes)
             self.current += nbytes
         self.peak = max(self.peak, self.current)

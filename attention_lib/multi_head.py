@@ -9,13 +9,17 @@ Shazeer 2019).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .attention import scaled_dot_product_attention
-from .kv_cache import KVCache, cache_causal_mask
+from .masks import cache_causal_mask
+
+if TYPE_CHECKING:  # chapter 11 builds the cache; this module only accepts one
+    from .kv_cache import KVCache
 
 __all__ = ["MultiHeadAttention"]
 
@@ -83,7 +87,7 @@ class MultiHeadAttention(nn.Module):
         value: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
-        kv_cache: "KVCache | None" = None,
+        kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Attend from ``query`` to ``key``/``value`` (default: self-attention).
 
@@ -133,7 +137,7 @@ class MultiHeadAttention(nn.Module):
         return self.out_proj(y)
 
     @classmethod
-    def from_torch(cls, mha: nn.MultiheadAttention) -> "MultiHeadAttention":
+    def from_torch(cls, mha: nn.MultiheadAttention) -> MultiHeadAttention:
         """Build a module with the weights of a ``torch.nn.MultiheadAttention``."""
         if not mha._qkv_same_embed_dim:
             raise ValueError("from_torch supports nn.MultiheadAttention with kdim == vdim == embed_dim")

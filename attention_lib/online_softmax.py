@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import accumulation_dtype
+
 __all__ = ["attention_block", "merge_attention"]
 
 
@@ -55,7 +57,7 @@ def attention_block(
         ``(o, lse)``: o (..., Lq, Dv) in ``q``'s dtype, and lse (..., Lq) in float32
         (float64 for float64 inputs). Fully masked rows give ``o = 0``, ``lse = -inf``.
     """
-    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc_dtype = accumulation_dtype(q.dtype)
     # Low precision is computed in float32 (q·k of float16 inputs overflows easily).
     # The (Lq, Lk) block is the only large tensor here: touch it as few times as
     # possible. Scale the (smaller) queries instead of the scores, and apply the mask,

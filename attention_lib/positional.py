@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import accumulation_dtype
+
 __all__ = ["sinusoidal_encoding", "rotary_angles", "apply_rotary"]
 
 
@@ -44,6 +46,8 @@ def _frequencies(dim: int, base: float, device=None) -> torch.Tensor:
 def _positions(positions, length: int | None, device) -> torch.Tensor:
     """Integer or float positions as a 1-D float64 tensor: (L,)."""
     if positions is None:
+        if length is None:
+            raise ValueError("give positions or a length")  # internal: the callers pass one of them
         return torch.arange(length, dtype=torch.float64, device=device)  # (L,)
     positions = torch.as_tensor(positions, device=device)
     if positions.dim() != 1 or positions.dtype == torch.bool:
@@ -151,7 +155,7 @@ def apply_rotary(
     _check_even_dim(D, f"the last dimension of x (shape {tuple(x.shape)})")
     pos = _positions(positions, L, x.device)  # (L,)
     angles = rotary_angles(pos, D, base=base)  # (L, D/2)
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    work = accumulation_dtype(x.dtype)
     cos, sin = angles.cos().to(work), angles.sin().to(work)  # (L, D/2) each
     pairs = x.to(work).unflatten(-1, (D // 2, 2))  # (..., L, D/2, 2)
     a, b = pairs[..., 0], pairs[..., 1]  # (..., L, D/2) each

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import accumulation_dtype
+
 __all__ = ["softmax", "naive_softmax", "logsumexp"]
 
 
@@ -21,10 +23,6 @@ def naive_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     kept only to show why :func:`softmax` subtracts the max (chapter 3)."""
     e = torch.exp(x)
     return e / e.sum(dim=dim, keepdim=True)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -39,7 +37,7 @@ def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise ValueError(f"softmax expects a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
-    xc = x.to(_compute_dtype(x.dtype))
+    xc = x.to(accumulation_dtype(x.dtype))
     # The max only shifts the exponent; detaching it keeps its (exactly cancelling)
     # gradient out of autograd. A row of -inf has max -inf: shift it by 0 instead.
     m = xc.amax(dim=dim, keepdim=True).detach()
@@ -57,7 +55,7 @@ def logsumexp(x: torch.Tensor, dim: int = -1, keepdim: bool = False) -> torch.Te
     ``softmax(x) = exp(x - logsumexp(x))``; FlashAttention saves exactly this
     per-row statistic for its backward pass.
     """
-    xc = x.to(_compute_dtype(x.dtype))
+    xc = x.to(accumulation_dtype(x.dtype))
     m = xc.amax(dim=dim, keepdim=True).detach()
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     out = m_safe + torch.log(torch.exp(xc - m_safe).sum(dim=dim, keepdim=True))

@@ -48,7 +48,7 @@ import triton.language as tl
 
 from ._checks import check_no_dropout, sdpa_inputs
 
-__all__ = ["triton_flash_attention", "INTERPRET", "gpu_configs", "interpreter_config"]
+__all__ = ["INTERPRET", "gpu_configs", "interpreter_config", "triton_flash_attention"]
 
 
 def _interpreting() -> bool:
@@ -62,8 +62,14 @@ def _interpreting() -> bool:
 INTERPRET: bool = _interpreting()
 # The same flag, visible inside the kernels (a global must be a constexpr there).
 _INTERPRET = tl.constexpr(INTERPRET)
-LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
+LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e)); the wrapper folds it into the scale
+_LOG2E = tl.constexpr(LOG2E)  # the same number inside the kernels (a global must be a constexpr there)
 MAX_HEAD_DIM = 128
+
+# Which attn_mask the kernels read: the values of their ``MASK_KIND`` constexpr.
+MASK_NONE = tl.constexpr(0)  # no attn_mask
+MASK_BOOL = tl.constexpr(1)  # a bool mask, True = may attend (read as uint8)
+MASK_ADD = tl.constexpr(2)  # an additive float mask, added to the scores
 
 
 @triton.jit
@@ -90,12 +96,57 @@ def _to(x, dtype: tl.constexpr):
     GPU, this ``if`` vanishes and the cast is the hardware's round-to-nearest.
     """
     y = x.to(dtype)
-    if _INTERPRET:
-        if dtype == tl.bfloat16:
-            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-            bits = bits + 0x7FFF + ((bits >> 16) & 1)  # round half to even on bit 16
-            y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    if _INTERPRET and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)  # round half to even on bit 16
+        y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return y
+
+
+@triton.jit
+def _mask_scores(
+    s, q_idx, k_idx,  # a tile of scores (log2 units), the query and key index of its rows/columns
+    Mask_base, stride_mm, stride_mn, Lq, Lk,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+):
+    """Set the scores that may not be attended to ``-inf``; add an additive mask.
+
+    One rule for all three kernels. ``q_idx`` and ``k_idx`` broadcast to the tile:
+    ``(BLOCK_M, 1)`` and ``(1, BLOCK_N)`` for a tile of S, or ``(1, BLOCK_M)`` and
+    ``(BLOCK_N, 1)`` for a tile of Sᵀ (the dK/dV kernel). A pair is allowed if both
+    indices are in range, if it is on or below the diagonal (``IS_CAUSAL``, top-left),
+    and if a bool ``attn_mask`` allows it. The mask is read only where allowed so far.
+    """
+    allowed = (q_idx < Lq) & (k_idx < Lk)  # the ragged edges of the last blocks
+    if IS_CAUSAL:
+        allowed = allowed & (q_idx >= k_idx)  # top-left: query i sees keys j <= i
+    if MASK_KIND != MASK_NONE:
+        mask_ptrs = Mask_base + q_idx * stride_mm + k_idx * stride_mn
+        if MASK_KIND == MASK_BOOL:  # True = may attend
+            allowed = allowed & (tl.load(mask_ptrs, mask=allowed, other=0) != 0)
+        else:  # MASK_ADD, converted to log2 units like the scores
+            s += tl.load(mask_ptrs, mask=allowed, other=0.0).to(tl.float32) * _LOG2E
+    return tl.where(allowed, s, float("-inf"))
+
+
+@triton.jit
+def _key_range(start_m, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
+    """The key blocks that query block ``start_m`` visits: ``[0, mid)`` unmasked, ``[mid, hi)`` masked.
+
+    Causal: no key block past the diagonal is visited (block skipping), and only the
+    blocks that cross it need the mask. Otherwise only the ragged last block does.
+    With an ``attn_mask`` every block needs it: ``mid = 0``. Shared by the forward
+    kernel and the dQ kernel, which visit the same keys.
+    """
+    if IS_CAUSAL:
+        hi = tl.minimum((start_m + 1) * BLOCK_M, Lk)
+        mid = tl.minimum(start_m * BLOCK_M, Lk) // BLOCK_N * BLOCK_N
+    else:
+        hi = Lk
+        mid = Lk // BLOCK_N * BLOCK_N
+    if MASK_KIND != MASK_NONE:
+        mid = 0
+    return mid, hi
 
 
 # --------------------------------------------------------------------------------------
@@ -129,18 +180,10 @@ def _attn_fwd_inner(
             mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0,
         )  # (BLOCK_D, BLOCK_N): the tile of Kᵀ
         s = _dot(q, kT, PRECISION) * qk_scale
-        if MASKED:
-            allowed = offs_n[None, :] < Lk  # (1, BLOCK_N): keys past the end
-            if IS_CAUSAL:
-                allowed = allowed & (offs_m[:, None] >= offs_n[None, :])  # top-left
-            if MASK_KIND != 0:
-                mask_ptrs = Mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
-                inside = allowed & (offs_m[:, None] < Lq)
-                if MASK_KIND == 1:  # bool: True = may attend
-                    allowed = allowed & (tl.load(mask_ptrs, mask=inside, other=0) != 0)
-                else:  # additive float mask, converted to log2 units
-                    s += tl.load(mask_ptrs, mask=inside, other=0.0).to(tl.float32) * 1.4426950408889634
-            s = tl.where(allowed, s, float("-inf"))
+        if MASKED:  # boundary, causal and attn_mask masks
+            s = _mask_scores(
+                s, offs_m[:, None], offs_n[None, :], Mask_base, stride_mm, stride_mn, Lq, Lk, IS_CAUSAL, MASK_KIND,
+            )
         # -- online softmax: new running max, rescale the old state --
         m_ij = tl.maximum(m_i, tl.max(s, 1))
         if MASKED:
@@ -260,16 +303,9 @@ def _attn_fwd(
         mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D), other=0.0,
     )
 
-    # Which key blocks to visit. Causal: none past the diagonal (block skipping).
-    # [0, mid) needs no mask at all; [mid, hi) gets the boundary/causal/attn_mask masks.
-    if IS_CAUSAL:
-        hi = tl.minimum((start_m + 1) * BLOCK_M, Lk)
-        mid = tl.minimum(start_m * BLOCK_M, Lk) // BLOCK_N * BLOCK_N
-    else:
-        hi = Lk
-        mid = Lk // BLOCK_N * BLOCK_N
-    if MASK_KIND != 0:
-        mid = 0
+    # Which key blocks to visit: [0, mid) needs no mask at all; [mid, hi) gets the
+    # boundary/causal/attn_mask masks. Causal: none past the diagonal (block skipping).
+    mid, hi = _key_range(start_m, Lk, BLOCK_M, BLOCK_N, IS_CAUSAL, MASK_KIND)
 
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K_base, V_base, Mask_base,
@@ -366,17 +402,10 @@ def _attn_bwd_dkdv_inner(
         delta = tl.load(Delta_base + offs_m, mask=in_q, other=0.0)
 
         sT = _dot(k, qT, PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M), log2 units
-        if MASKED:
-            allowed = in_q[None, :] & (offs_n[:, None] < Lk)
-            if IS_CAUSAL:
-                allowed = allowed & (offs_m[None, :] >= offs_n[:, None])
-            if MASK_KIND != 0:
-                mask_ptrs = Mask_base + offs_m[None, :] * stride_mm + offs_n[:, None] * stride_mn
-                if MASK_KIND == 1:
-                    allowed = allowed & (tl.load(mask_ptrs, mask=allowed, other=0) != 0)
-                else:
-                    sT += tl.load(mask_ptrs, mask=allowed, other=0.0).to(tl.float32) * 1.4426950408889634
-            sT = tl.where(allowed, sT, float("-inf"))
+        if MASKED:  # the same masks, on the transposed tile: queries are columns
+            sT = _mask_scores(
+                sT, offs_m[None, :], offs_n[:, None], Mask_base, stride_mm, stride_mn, Lq, Lk, IS_CAUSAL, MASK_KIND,
+            )
         pT = tl.exp2(sT - lse[None, :])  # (BLOCK_N, BLOCK_M): Pᵀ, recomputed
         dv += _dot(_to(pT, do.dtype), do, PRECISION)  # dV += Pᵀ dO
         dpT = _dot(v, tl.trans(do), PRECISION)  # (BLOCK_N, BLOCK_M): (dO Vᵀ)ᵀ
@@ -435,7 +464,7 @@ def _attn_bwd_dkdv(
     else:
         lo = 0
         mid = 0
-    if MASK_KIND != 0:
+    if MASK_KIND != MASK_NONE:
         mid = Lq
 
     for g in range(GROUP):
@@ -498,17 +527,9 @@ def _attn_bwd_dq_inner(
         )  # (BLOCK_DV, BLOCK_N)
         s = _dot(q, kT, PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         if MASKED:
-            allowed = in_k[None, :]
-            if IS_CAUSAL:
-                allowed = allowed & (offs_m[:, None] >= offs_n[None, :])
-            if MASK_KIND != 0:
-                mask_ptrs = Mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
-                inside = allowed & (offs_m[:, None] < Lq)
-                if MASK_KIND == 1:
-                    allowed = allowed & (tl.load(mask_ptrs, mask=inside, other=0) != 0)
-                else:
-                    s += tl.load(mask_ptrs, mask=inside, other=0.0).to(tl.float32) * 1.4426950408889634
-            s = tl.where(allowed, s, float("-inf"))
+            s = _mask_scores(
+                s, offs_m[:, None], offs_n[None, :], Mask_base, stride_mm, stride_mn, Lq, Lk, IS_CAUSAL, MASK_KIND,
+            )
         p = tl.exp2(s - lse[:, None])  # (BLOCK_M, BLOCK_N): P, recomputed
         dp = _dot(do, vT, PRECISION)  # (BLOCK_M, BLOCK_N): dO Vᵀ
         ds = p * (dp - delta[:, None])
@@ -560,15 +581,7 @@ def _attn_bwd_dq(
     delta = tl.load(Delta + off_bh.to(tl.int64) * Lq + offs_m, mask=in_q, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # the same key ranges as the forward pass
-    if IS_CAUSAL:
-        hi = tl.minimum((start_m + 1) * BLOCK_M, Lk)
-        mid = tl.minimum(start_m * BLOCK_M, Lk) // BLOCK_N * BLOCK_N
-    else:
-        hi = Lk
-        mid = Lk // BLOCK_N * BLOCK_N
-    if MASK_KIND != 0:
-        mid = 0
+    mid, hi = _key_range(start_m, Lk, BLOCK_M, BLOCK_N, IS_CAUSAL, MASK_KIND)  # the forward's key ranges
 
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse, delta, K_base, V_base, Mask_base,
@@ -609,12 +622,13 @@ def _strides_ok(t: torch.Tensor) -> bool:
 def _mask_args(attn_mask, query, key):
     """(pointer tensor, 4 strides, MASK_KIND) for a mask broadcast to (B, Hq, Lq, Lk)."""
     if attn_mask is None:
-        return query, (0, 0, 0, 0), 0  # never read: MASK_KIND = 0
+        return query, (0, 0, 0, 0), MASK_NONE.value  # the pointer is never read
     B, Hq, Lq, _ = query.shape
     Lk = key.shape[2]
-    mask = attn_mask.view(torch.uint8) if attn_mask.dtype == torch.bool else attn_mask
+    is_bool = attn_mask.dtype == torch.bool
+    mask = attn_mask.view(torch.uint8) if is_bool else attn_mask
     mask = mask.expand(B, Hq, Lq, Lk)  # (B, Hq, Lq, Lk), stride 0 where broadcast: no copy
-    return mask, mask.stride(), 1 if attn_mask.dtype == torch.bool else 2
+    return mask, mask.stride(), MASK_BOOL.value if is_bool else MASK_ADD.value
 
 
 class _TritonFlashAttention(torch.autograd.Function):
@@ -655,7 +669,10 @@ class _TritonFlashAttention(torch.autograd.Function):
         delta = torch.empty_like(lse)  # (B, Hq, Lq)
         mask, mask_strides, mask_kind = _mask_args(attn_mask, query, key)
         precision = "ieee" if query.dtype == torch.float32 else "tf32"
-        consts = dict(BLOCK_D=_block(D), BLOCK_DV=_block(Dv), IS_CAUSAL=ctx.is_causal, MASK_KIND=mask_kind, PRECISION=precision)
+        consts = {
+            "BLOCK_D": _block(D), "BLOCK_DV": _block(Dv),
+            "IS_CAUSAL": ctx.is_causal, "MASK_KIND": mask_kind, "PRECISION": precision,
+        }
 
         with torch.cuda.device_of(query):
             _attn_bwd_preprocess[(triton.cdiv(Lq, 64), B * Hq)](

@@ -18,9 +18,10 @@
 3. ``sweep``: autotuning of the Triton kernel at the priority shapes (chosen configs and
    their timings -> ``autotune.json``), then the benchmark sweep in order of importance
    (bf16, D=128, L=4k..16k, ``triton`` against ``sdpa_flash``/``sdpa_cudnn``/``sdpa_efficient``/
-   ``sdpa`` first), cut at its deadline -> ``h200.csv`` with provenance. Autotuning results
+   ``sdpa`` first), cut at its deadline -> ``h200.csv`` with provenance (commit it as
+   ``attention_lib/data/h200.csv``, package data, where chapter 18 finds recorded sweeps). Autotuning results
    are cached on disk (``TRITON_CACHE_AUTOTUNING=1``), so the chapters reuse them.
-4. ``chapter12``: chapter 12 re-executed natively -> ``12_gpu_timing.ipynb``.
+4. ``chapter18``: chapter 18 re-executed natively -> ``18_gpu_timing.ipynb``.
 5. ``hbm``: Nsight Compute's DRAM byte counters for one forward pass of ``triton`` and of
    ``sdpa_flash`` (bf16, D=128, L=8192), against the compulsory traffic -> ``hbm.json``.
 6. ``summary``: the target ratios, coverage, and what is still unmeasured -> ``summary.md``
@@ -59,13 +60,13 @@ SCHEDULE = [
     (("provenance",), 0.07),  # 32 s: CUDA start, nvidia-smi, three measurements
     (("tests", "prewarm", "chapter9"), 0.36),  # until 162 s
     (("sweep",), 0.70),  # until 315 s: 150 s or more of autotuning and timing
-    (("chapter12",), 0.90),  # until 405 s
+    (("chapter18",), 0.90),  # until 405 s
     (("hbm",), 0.97),  # until 437 s
     (("summary",), 1.0),
 ]
 STEPS = [s for group, _ in SCHEDULE for s in group]
 FILES = ["run.log", "provenance.json", "autotune.json", "h200.csv", "hbm.json",
-         "09_triton_kernel.ipynb", "12_gpu_timing.ipynb", "summary.md"]  # at most 8 come back
+         "09_triton_kernel.ipynb", "18_gpu_timing.ipynb", "summary.md"]  # at most 8 come back
 
 CORE = ["triton", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa"]
 KINDS = {"fwd": "_attn_fwd", "dkdv": "_attn_bwd_dkdv", "dq": "_attn_bwd_dq"}
@@ -568,14 +569,14 @@ def step_summary(out: pathlib.Path, dry: bool, until: float, state: dict) -> Non
         lines += ["", f"autotuning ({tune.get('tuning_benchmark')}):"]
         lines += [f"- {k['dtype']} D={k['D']} L={k['L']} causal={k['causal']}: {k['seconds']} s; fwd {k['fwd']['best']}; "
                   f"dkdv {k['dkdv']['best']}; dq {k['dq']['best']}" for k in tune.get("keys", [])]
-        lines.append(f"- configurations chosen in all: " + ", ".join(f"{kind} {len(v)}" for kind, v in
+        lines.append("- configurations chosen in all: " + ", ".join(f"{kind} {len(v)}" for kind, v in
                                                                       tune.get("cache", {}).items()))
     hbm = _load_json(out / "hbm.json")
     if hbm:
         lines += ["", f"HBM traffic ({hbm.get('status')}), compulsory {hbm['compulsory_bytes'] / 1e6:.1f} MB:"]
         lines += [f"- {k['kernel'][:70]}: {k['dram_bytes'] / 1e6:.1f} MB ({k['over_compulsory']:.2f} x)"
                   for k in hbm.get("kernels", [])]
-    for name in ("12_gpu_timing.ipynb", "09_triton_kernel.ipynb"):
+    for name in ("18_gpu_timing.ipynb", "09_triton_kernel.ipynb"):
         nbp = out / name
         if nbp.exists():
             meta = json.loads(nbp.read_text()).get("metadata", {}).get("gpu_run", {})
@@ -583,6 +584,8 @@ def step_summary(out: pathlib.Path, dry: bool, until: float, state: dict) -> Non
                          f"code cells in {meta.get('seconds')} s")
     missing = [f for f in FILES if not (out / f).exists() and f not in ("summary.md", "run.log")]
     lines.append("\nnot produced: " + (", ".join(missing) if missing else "nothing"))
+    if csv_path.exists() and not dry:
+        lines.append("to publish the sweep (chapter 18 plots it): cp h200.csv attention_lib/data/h200.csv")
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     print(text)
@@ -647,9 +650,9 @@ def main(argv: list[str] | None = None) -> int:
               "hbm_target": step_hbm_target}.get(a._step)
         if fn is not None:
             fn(out, a.dry_run, a.until)
-        elif a._step in ("chapter9", "chapter12"):
+        elif a._step in ("chapter9", "chapter18"):
             step_notebook(out, a.dry_run, a.until, {"chapter9": "09_triton_kernel.ipynb",
-                                                    "chapter12": "12_gpu_timing.ipynb"}[a._step])
+                                                    "chapter18": "18_gpu_timing.ipynb"}[a._step])
         elif a._step == "summary":
             step_summary(out, a.dry_run, a.until, json.loads(pathlib.Path(a.state).read_text()))
         else:
@@ -692,10 +695,10 @@ def main(argv: list[str] | None = None) -> int:
             procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
                                             start_new_session=True), f, time.time())
         for name, (p, f, started) in procs.items():
-            grace = 20 if name in ("sweep", "chapter9", "chapter12", "hbm") else 5
+            grace = 20 if name in ("sweep", "chapter9", "chapter18", "hbm") else 5
             try:
                 rc = p.wait(timeout=max(1.0, until + grace - time.time()))
-                status = "ok" if rc == 0 else "failed" if name in ("tests", "chapter9", "chapter12") else "error"
+                status = "ok" if rc == 0 else "failed" if name in ("tests", "chapter9", "chapter18") else "error"
             except subprocess.TimeoutExpired:
                 rc, status = None, "timeout"
             try:  # the step's own process group (it started a session): its workers and kernels too

@@ -183,7 +183,12 @@ def test_tiny_cpu_sweep_has_a_row_for_every_variant():
     assert by["triton"] == {"unavailable"}  # CUDA only
     for v in bench.get_variants("cpu"):  # whatever the library has now runs; the rest is recorded
         expected = {"unavailable"} if v.fn is None else {"ok", "unavailable"} if v.name.startswith("sdpa") else {"ok"}
+        if v.forward_only and v.fn is not None:
+            expected = {"ok", "skipped"}
         assert by[v.name] <= expected and by[v.name], (v.name, by[v.name])
+    for r in rows:  # a forward-only variant is skipped backward, and only there
+        if r["variant"] == "paged":
+            assert r["status"] == ("ok" if r["mode"] == "fwd" else "skipped"), r
     # on CPU PyTorch has no memory-efficient or cuDNN kernel: recorded, with the reason
     for name in ("sdpa_efficient", "sdpa_cudnn"):
         assert by[name] == {"unavailable"}
@@ -217,6 +222,59 @@ def test_on_row_sees_every_cell_as_it_completes():
                            on_row=lambda rs: seen.append([r["variant"] for r in rs]), **TINY)
     assert seen == [["sdpa"], ["sdpa", "triton"]]
     assert [r["status"] for r in rows] == ["ok", "unavailable"]
+
+
+# --- the variants of later chapters -------------------------------------------------
+
+
+def test_new_variants_are_listed_with_their_exactness():
+    vs = {v.name: v for v in bench.get_variants("cpu")}
+    for name, exact in (("split_k", True), ("performer", False), ("block_sparse", True), ("paged", True)):
+        assert name in vs and vs[name].fn is not None, name
+        assert vs[name].exact is exact, name
+    assert vs["paged"].forward_only and not vs["split_k"].forward_only
+    capped = bench.get_variants("cpu", ["block_sparse", "paged", "flash"], max_len_python_loops=64)
+    assert [v.max_len for v in capped] == [64, 64, 64]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_exact_new_variants_agree_with_sdpa(causal):
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 37, 16, generator=g) for _ in range(3))  # B = 2: two sequences for paged
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    for var in bench.get_variants("cpu", ["split_k", "block_sparse", "paged"]):
+        torch.testing.assert_close(var.fn(q, k, v, causal), want, atol=1e-5, rtol=1e-5, msg=var.name)
+    (perf,) = bench.get_variants("cpu", ["performer"])
+    out = perf.fn(q, k, v, causal)
+    assert out.shape == want.shape and bool(torch.isfinite(out).all())
+    torch.testing.assert_close(perf.fn(q, k, v, causal), out)  # the seeded generator: the same features
+
+
+def test_performer_flops_count_features_and_linear_attention_on_them():
+    B, H, L, D, m = 2, 3, 40, 8, 32
+    linear = B * H * (2 * L * m * D + 2 * L * m * D)  # φ(K)ᵀV and φ(Q)·state with m × D states
+    features = B * H * 2 * (L + L) * m * D  # W q and W k, W of shape m × D
+    assert bench.performer_flops(B, H, L, L, D, num_features=m) == linear + features
+    assert bench.linear_flops(B, H, L, L, D, feature_dim=m) == linear
+    assert bench.linear_flops(B, H, L, L, D, causal=True, feature_dim=D) == bench.linear_flops(B, H, L, L, D, causal=True)
+    C, n = 16, 3
+    causal = B * H * (2 * n * C * C * (m + D) + 4 * n * C * m * D)
+    assert bench.performer_flops(B, H, L, L, D, causal=True, chunk_size=C, num_features=m) == causal + features
+    assert bench.performer_flops(B, H, L, L, D, mode="fwd_bwd", num_features=m) == 3 * (linear + features)
+    rows = bench.run_sweep("cpu", variants=["performer"], measure_memory=False, **TINY)
+    (r,) = rows
+    assert r["status"] == "ok", r
+    assert r["flops"] == bench.performer_flops(r["B"], r["H"], r["Lq"], r["Lk"], r["D"], num_features=256)
+
+
+def test_unexpected_rows_accepts_planned_skips_of_the_new_variants():
+    cfg = {"max_len_python_loops": 64}
+    skip = dict(status="skipped", reason="L > 64 (too slow in this sweep)", Lq=128)
+    for name in ("block_sparse", "paged"):
+        assert bench.unexpected_rows([dict(skip, variant=name)], cfg) == []
+    assert bench.unexpected_rows([dict(skip, variant="split_k")], cfg) != []  # not a Python loop
+    fwd_only = dict(variant="paged", status="skipped", reason="forward only: paged is not timed in fwd_bwd", Lq=32)
+    assert bench.unexpected_rows([fwd_only]) == []
 
 
 # --- linear attention's own FLOPs, and rows above the peak -------------------------------
@@ -290,14 +348,14 @@ def test_flex_is_compiled_on_cuda_only_and_runs_eagerly_on_request():
                                    torch.nn.functional.scaled_dot_product_attention(q, k, val, is_causal=causal))
 
 
-# --- chapter 12's live sweep, in its GPU configuration, at tiny sizes on the CPU -----------------
+# --- chapter 18's live sweep, in its GPU configuration, at tiny sizes on the CPU -----------------
 
 
-def _chapter12_cells(*ids):
+def _chapter18_cells(*ids):
     import json
     import pathlib
 
-    nb = json.loads((pathlib.Path(__file__).parents[1] / "notebooks" / "12_gpu_timing.ipynb").read_text())
+    nb = json.loads((pathlib.Path(__file__).parents[1] / "notebooks" / "18_gpu_timing.ipynb").read_text())
     by_id = {c.get("id"): "".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"}
     return [by_id[i] for i in ids]
 
@@ -314,7 +372,7 @@ def test_chapter_config_skips_only_the_python_loop_flash_at_the_largest_length()
     assert bench.unexpected_rows([dict(flash_skip, status="error")], cfg) != []
 
 
-def test_chapter12_gpu_branch_runs_at_tiny_sizes(monkeypatch):
+def test_chapter18_gpu_branch_runs_at_tiny_sizes(monkeypatch):
     """The chapter's own cells 12.3 (sweep, checks, table, memory) with the CUDA configuration.
 
     Run on the CPU with the GPU's variants, dtype and skip rule at tiny lengths: the
@@ -333,8 +391,8 @@ def test_chapter12_gpu_branch_runs_at_tiny_sizes(monkeypatch):
 
     monkeypatch.setattr(bench, "chapter_config", gpu_config_tiny)
     monkeypatch.setattr(plt, "show", lambda *a, **k: plt.close("all"))
-    ns = {"__name__": "chapter12", "torch": torch}
-    setup, sweep, table, memory_check, memory_table = _chapter12_cells("c002", "c022", "c023", "c025", "c026")
+    ns = {"__name__": "chapter18", "torch": torch}
+    setup, sweep, table, memory_check, memory_table = _chapter18_cells("c002", "c022", "c023", "c025", "c026")
     exec(setup, ns)
     ns.update(device=torch.device("cpu"), info=bench.provenance("cpu"), peak={"tflops": 1.0})
     exec(sweep, ns)

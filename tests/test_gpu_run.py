@@ -70,7 +70,7 @@ def test_dry_run_outputs(dry_run):
     assert set(tune["cache"]) == {"fwd", "dkdv", "dq"}
     assert json.loads((out / "hbm.json").read_text())["compulsory_bytes"] > 0
 
-    for name in ("09_triton_kernel.ipynb", "12_gpu_timing.ipynb"):
+    for name in ("09_triton_kernel.ipynb", "18_gpu_timing.ipynb"):
         nb = json.loads((out / name).read_text())
         meta = nb["metadata"]["gpu_run"]
         assert meta["status"] == "ok" and meta["code_cells_run"] == meta["code_cells"] > 0, name
@@ -159,30 +159,51 @@ def test_summary_of_a_gpu_sweep(tmp_path):
     assert "sdpa_math fwd_bwd float16 D=128 L=16384" in text and "OOM" in text
 
 
-def test_chapter12_plots_a_recorded_gpu_sweep(tmp_path, monkeypatch):
-    """Chapter 12's section 12.4 with a GPU CSV in book/data: the branch that h200.csv will take."""
+def test_chapter18_plots_a_recorded_gpu_sweep(tmp_path, monkeypatch):
+    """Chapter 18's section 18.4 with a GPU sweep among the recorded ones: the branch that h200.csv will take."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from attention_lib import bench
+    from attention_lib import bench, results
 
-    (tmp_path / "book" / "data").mkdir(parents=True)
-    bench.write_results(tmp_path / "book" / "data" / "gpu.csv", _fake_gpu_rows(),
+    bench.write_results(tmp_path / "gpu.csv", _fake_gpu_rows(),
                         dict(bench.provenance("cpu"), device_type="cuda", device="a GPU", driver="1", cuda="13",
                              matmul_peak_tflops="800 (bf16 8192x8192 matmul, measured in this run)"))
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(results, "recorded_files", lambda: [tmp_path / "gpu.csv"])
+    monkeypatch.chdir(tmp_path)  # the chapter must not depend on where it runs
     shown = []
     monkeypatch.setattr(plt, "show", lambda *a, **k: (shown.append(len(plt.get_fignums())), plt.close("all")))
-    nb = json.loads((ROOT / "notebooks" / "12_gpu_timing.ipynb").read_text())
+    nb = json.loads((ROOT / "notebooks" / "18_gpu_timing.ipynb").read_text())
     cells = {c.get("id"): "".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"}
     import torch
 
-    ns = {"__name__": "chapter12", "torch": torch}
+    ns = {"__name__": "chapter18", "torch": torch}
     exec(cells["c002"], ns)
     exec(cells["c028"], ns)
     assert list(ns["gpu_runs"]) == ["gpu.csv"]
     assert len(shown) == 6  # three figures for fwd, three for fwd_bwd
     table = ns["speed_table"](ns["gpu_runs"]["gpu.csv"][0])
     assert "1.10" in table and table.splitlines()[2].split()[:4] == ["fwd", "bfloat16", "128", "False"]
+
+
+def test_recorded_sweeps_ship_as_package_data():
+    """attention_lib/data/*.csv is where recorded sweeps live (chapter 18 reads them with importlib.resources)."""
+    from attention_lib import results
+
+    files = results.recorded_files()
+    assert files and all(f.name.endswith(".csv") for f in files)
+    recorded = results.load_recorded()
+    assert any(prov.get("device_type") == "cpu" for _, prov in recorded.values())
+    for name, (rows, prov) in recorded.items():
+        assert rows and list(rows[0]) == results.COLUMNS, name
+        assert prov.get("command") and prov.get("torch"), f"{name}: provenance missing"
+    assert not (ROOT / "book" / "data").exists(), "recorded sweeps live in attention_lib/data/ only"
+    import fnmatch
+    import tomllib
+
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["attention_lib.data"]
+    data = [p.name for p in (ROOT / "attention_lib" / "data").iterdir() if p.is_file() and p.suffix != ".py"]
+    missing = [n for n in data if not any(fnmatch.fnmatch(n, pat) for pat in patterns)]
+    assert data and not missing, f"attention_lib/data files that would not be in the wheel: {missing}"

@@ -127,3 +127,15 @@ def test_create_mask_ignores_parameters_with_defaults():
     """As PyTorch counts them: parameters with defaults do not count."""
     mod = lambda b, h, q, kv, offset=1: q + offset >= kv  # noqa: E731
     assert torch.equal(masks.create_mask(mod, None, None, 3, 4), flex_create_mask(mod, None, None, 3, 4, device="cpu"))
+
+
+def test_cache_causal_mask_is_bottom_right():
+    m = masks.cache_causal_mask(2, 4)
+    assert m[0, 0].int().tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert torch.equal(m, masks.create_mask(masks.causal_lower_right(2, 4), None, None, 2, 4))
+    assert masks.cache_causal_mask(1, 5) is None  # one new query sees every key
+    pad = torch.tensor([True, True, False, True])
+    assert masks.cache_causal_mask(2, 4, pad)[0, 0].int().tolist() == [[1, 1, 0, 0], [1, 1, 0, 1]]
+    additive = torch.zeros(2, 4)
+    got = masks.cache_causal_mask(2, 4, additive)[0, 0]
+    assert got.dtype == torch.float32 and torch.isneginf(got).tolist() == [[False] * 3 + [True], [False] * 4]

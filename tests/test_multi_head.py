@@ -90,3 +90,16 @@ def test_padding_mask_and_backward():
     assert torch.equal(x.grad[1, 3:] != 0, (x.grad[1, 3:] != 0))  # shape sanity
     y2 = mha(torch.cat([x[:, :3], torch.randn(2, 3, 16)], 1), attn_mask=mask)
     torch.testing.assert_close(y2[1, :3], y[1, :3])  # padded keys do not change batch 1
+
+
+def test_chapter_6_imports_nothing_from_later_chapters():
+    # STYLE.md point 7: multi_head (chapter 6) may accept a KVCache (chapter 11) but not import it
+    import ast
+    import inspect
+
+    import attention_lib.multi_head
+
+    tree = ast.parse(inspect.getsource(attention_lib.multi_head))
+    runtime = [n for n in tree.body if isinstance(n, ast.ImportFrom)]  # `if TYPE_CHECKING:` is an ast.If
+    imported = {n.module for n in runtime}
+    assert "kv_cache" not in imported and imported >= {"masks", "attention"}, imported

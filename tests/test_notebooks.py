@@ -68,3 +68,75 @@ def test_no_svg_outputs_and_no_errors(path):
 def test_notebook_is_in_the_table_of_contents(path):
     toc = (ROOT / "_toc.yml").read_text()
     assert f"notebooks/{path.stem}" in toc, f"{path.name} is not listed in _toc.yml"
+
+
+def _setup_cell_module():
+    """scripts/setup_cell.py, the one canonical setup cell (a script, not a package module)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("setup_cell", ROOT / "scripts" / "setup_cell.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_setup_cell_is_the_canonical_one(path):
+    setup_cell = _setup_cell_module()
+    nb = json.loads(path.read_text())
+    header, _ = setup_cell.split(_src(setup_cell.setup_cell(nb)))
+    assert header == setup_cell.expected(nb), (
+        f"{path.name}: the setup cell's header differs from scripts/setup_cell.py; "
+        f"run: python scripts/setup_cell.py notebooks/{path.name}"
+    )
+
+
+def test_setup_cell_checks_the_extras_that_pyproject_declares():
+    tomllib = pytest.importorskip("tomllib")
+    setup_cell = _setup_cell_module()
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for extra, modules in setup_cell.EXTRA_MODULES.items():
+        names = {re.split(r"[<>=!~;\[ ]", req, maxsplit=1)[0].lower() for req in extras[extra]}
+        names.discard("torch")  # a floor the extra raises on the base dependency, not a new package
+        assert names == set(modules), f"extra {extra!r}: pyproject.toml declares {sorted(names)}, the setup cell checks {modules}"
+
+
+def test_triton_chapters_get_the_triton_setup_cell():
+    setup_cell = _setup_cell_module()
+    assert '"triton"' in setup_cell.canonical(needs_triton=True)
+    assert "[book,triton]" in setup_cell.canonical(needs_triton=True)
+    assert "triton" not in setup_cell.canonical(needs_triton=False)
+
+
+def _lower_bounds(requirements):
+    lower = {}
+    for req in requirements:
+        m = re.match(r"([A-Za-z0-9_.-]+)\s*(?:\[[^\]]*\])?\s*(.*)", req)
+        bound = re.search(r">=\s*([0-9][^,;\s]*)", m.group(2))
+        assert bound, f"pyproject.toml: {req!r} has no lower bound (>=)"
+        lower[m.group(1).lower()] = bound.group(1)
+    return lower
+
+
+def _pins(path):
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            pins[name.strip().lower()] = version.strip()
+    return pins
+
+
+def test_lowest_constraints_pin_the_declared_lower_bounds():
+    """.ci/lowest-*constraints.txt (make test-lowest, CI) install exactly the lower bounds of pyproject.toml."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    base = _lower_bounds(list(project["dependencies"]) + list(extras["book"]))
+    with_triton = {**base, **_lower_bounds(extras["triton"])}  # the extra may raise torch's floor
+    for constraints, lower in (("lowest-constraints.txt", base), ("lowest-triton-constraints.txt", with_triton)):
+        pins = _pins(ROOT / ".ci" / constraints)
+        for name, version in lower.items():
+            assert pins.get(name) == version, f"{name}: pyproject.toml says >={version}, {constraints} pins {pins.get(name)}"
+    assert "triton" not in _pins(ROOT / ".ci" / "lowest-constraints.txt"), "the base lowest run is without triton"

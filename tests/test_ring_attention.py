@@ -1,4 +1,4 @@
-"""Ring attention (attention_lib.distributed) on 2 and 4 CPU processes over gloo.
+"""Ring attention (attention_lib.ring) on 2 and 4 CPU processes over gloo.
 
 Outputs and gradients, gathered from every rank, are checked against single-process
 ``attention_ref`` with flash-attention's rule (``err <= 2 * err(naive, same dtype) +
@@ -25,19 +25,12 @@ import torch.distributed as dist
 
 import attention_lib
 from attention_lib import attention_ref, scaled_dot_product_attention
-from attention_lib.distributed import (
-    case_inputs,
-    launch,
-    raise_on_rank_worker,
-    ring_attention,
-    ring_check_worker,
-    sequence_positions,
-    shard_sequence,
-    sleep_worker,
-    unshard_sequence,
-)
+from attention_lib.launcher import launch
 from attention_lib.memory import peak_memory
+from attention_lib.ring import ring_attention, sequence_positions, shard_sequence, unshard_sequence
+from attention_lib.ring_check import case_inputs, ring_check_worker
 from helpers import FLOOR, max_err
+from launch_workers import raise_on_rank_worker, sleep_worker
 
 pytestmark = pytest.mark.timeout(300)  # a last guard against hangs; launch() has its own timeouts
 
@@ -228,6 +221,16 @@ def test_errors_at_the_boundary():
         ring_attention(q, q, q)  # valid arguments, but no process group
 
 
+def test_old_import_path_still_works():
+    import attention_lib.distributed as old
+    import attention_lib.launcher
+    import attention_lib.ring
+
+    assert old.ring_attention is attention_lib.ring.ring_attention and old.launch is attention_lib.launcher.launch
+    # the workers are not part of the library's API
+    assert not hasattr(attention_lib.ring, "ring_check_worker") and not hasattr(old, "sleep_worker")
+
+
 def test_importing_attention_lib_initialises_nothing_distributed():
     code = "import attention_lib, torch.distributed as d; print(d.is_initialized(), attention_lib.ring_attention.__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
@@ -240,7 +243,7 @@ def test_importing_attention_lib_initialises_nothing_distributed():
 def test_torchrun_standalone():
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "attention_lib.distributed", "--causal", "--layout", "zigzag", "--seq-len", "24"]
+           "-m", "attention_lib.ring_check", "--causal", "--layout", "zigzag", "--seq-len", "24"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "on 2 ranks" in out.stdout and "forward rotations = 1" in out.stdout, out.stdout

@@ -334,7 +334,7 @@ SDPA_SIGNATURE = [("attn_mask", None), ("dropout_p", 0.0), ("is_causal", False),
 def _all_variants():
     import attention_lib
     from attention_lib import flex
-    from attention_lib.distributed import ring_attention
+    from attention_lib.ring import ring_attention
 
     return {
         "scaled_dot_product_attention": attention_lib.scaled_dot_product_attention,

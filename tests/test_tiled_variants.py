@@ -4,16 +4,20 @@ Both are checked against the float64 oracle with the rule of tests/helpers.py, o
 and gradients: odd lengths, Lq != Lk, head dims, dtypes, every mask of the registry as
 bool and as float, broadcast biases and GQA. Tile sizes are chosen so that they do not
 divide the lengths, and small enough that every test crosses several query and key
-tiles. What is particular to each variant (checkpointing, the saved tensors of the
-FlashAttention backward, peak memory) is tested in its own file.
+tiles. The same file checks what both promise beyond the numbers: a peak memory far
+below naive attention, the default tiles, Hypothesis over random shapes, masks and
+tiles, and clear errors. What is particular to each variant (checkpointing, the
+saved tensors and gradcheck of the FlashAttention backward) is tested in its own file.
 """
 
 from functools import partial
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from attention_lib import chunked_attention, flash_attention
+from attention_lib import attention_ref, chunked_attention, flash_attention, peak_memory, scaled_dot_product_attention
 from helpers import MASKS, assert_matches_ref, dense_mask, make_qkv
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
@@ -26,6 +30,9 @@ TILED = {
     "flash": lambda tq=5, tk=7: partial(flash_attention, block_q=tq, block_k=tk),
 }
 DEFAULT_TILES = {"chunked": (1024, 4096), "flash": (128, 128)}
+FUNCTIONS = {"chunked": chunked_attention, "flash": flash_attention}
+# variant -> the names of its query and key tile-size arguments
+TILE_ARGS = {"chunked": ("q_chunk", "kv_chunk"), "flash": ("block_q", "block_k")}
 
 pytestmark = pytest.mark.parametrize("variant", list(TILED))
 
@@ -127,3 +134,81 @@ def test_non_contiguous_inputs_and_value_dim(variant):
     k = torch.randn(2, 13, 3, 8, generator=g).transpose(1, 2)
     v = torch.randn(2, 13, 3, 12, generator=g).transpose(1, 2)
     assert_matches_ref(TILED[variant](4, 5), q, k, v, is_causal=True)
+
+
+def _tiles(variant: str, tile_q: int, tile_k: int) -> dict:
+    """The tile sizes as the variant's own keyword arguments."""
+    return dict(zip(TILE_ARGS[variant], (tile_q, tile_k)))
+
+
+def test_default_tiles_and_no_grad_path(variant):
+    q, k, v = make_qkv(1, 2, 137, 141, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(FUNCTIONS[variant](q, k, v), attention_ref(q, k, v))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"dropout_p": 0.1}, "dropout"),
+        ({"tile_q": 0}, "tile_q"),
+        ({"tile_q": True}, "tile_q"),
+        ({"tile_k": 2.5}, "tile_k"),
+        ({"tile_k": True}, "tile_k"),
+        ({"scale": float("nan")}, "scale"),
+        ({"scale": float("inf")}, "scale"),
+    ],
+)
+def test_bad_arguments_raise_value_error(variant, kwargs, match):
+    names = dict(zip(("tile_q", "tile_k"), TILE_ARGS[variant]))  # the generic name -> the variant's
+    kwargs = {names.get(k, k): v for k, v in kwargs.items()}
+    q, k, v = make_qkv(1, 2, 5, 5, 8)
+    with pytest.raises(ValueError, match=names.get(match, match)):
+        FUNCTIONS[variant](q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("Hkv,enable_gqa,match", [(2, False, "enable_gqa"), (3, True, "divisible")])
+def test_shape_errors_come_from_the_shared_checks(variant, Hkv, enable_gqa, match):
+    q, k, v = make_qkv(1, 4, 5, 5, 8, Hkv=Hkv)
+    with pytest.raises(ValueError, match=match):
+        FUNCTIONS[variant](q, k, v, enable_gqa=enable_gqa)
+
+
+# tiles of the memory test, and how far below naive the training peak must be: chunked
+# checkpoints whole query chunks (O(q_chunk · S) in the backward), flash recomputes tiles
+MEMORY = {"chunked": ((128, 256), 5), "flash": ((128, 128), 10)}
+
+
+def test_memory_is_far_below_naive_forward_and_backward(variant):
+    L = 1024
+    q, k, v = make_qkv(1, 1, L, L, 64)
+    (tile_q, tile_k), train_factor = MEMORY[variant]
+    ours_fn = partial(FUNCTIONS[variant], **_tiles(variant, tile_q, tile_k))
+    naive = peak_memory(scaled_dot_product_attention, q, k, v)[1]
+    ours = peak_memory(ours_fn, q, k, v)[1]
+    assert naive >= L * L * 4  # at least the score matrix
+    assert ours * 10 < naive, f"{variant} forward peak {ours} B vs naive {naive} B"
+
+    def train_step(f):
+        qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+        out = f(qg, kg, vg)
+        out.backward(torch.ones_like(out))
+        return out
+
+    naive_train = peak_memory(train_step, scaled_dot_product_attention)[1]
+    ours_train = peak_memory(train_step, ours_fn)[1]
+    assert ours_train * train_factor < naive_train, f"{variant} training peak {ours_train} B vs naive {naive_train} B"
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    B=st.integers(1, 2), Hkv=st.integers(1, 2), rep=st.integers(1, 3),
+    Lq=st.integers(1, 24), Lk=st.integers(1, 24), D=st.sampled_from([1, 4, 8]),
+    tile_q=st.integers(1, 30), tile_k=st.integers(1, 30),
+    mask_name=st.sampled_from(list(MASKS)), seed=st.integers(0, 2**16),
+)
+def test_property_random_shapes_masks_and_tiles(variant, B, Hkv, rep, Lq, Lk, D, tile_q, tile_k, mask_name, seed):
+    q, k, v = make_qkv(B, Hkv * rep, Lq, Lk, D, Hkv=Hkv, seed=seed, dtype=torch.float64)
+    mask = dense_mask(mask_name, B, Lq, Lk)
+    out = FUNCTIONS[variant](q, k, v, attn_mask=mask, enable_gqa=True, **_tiles(variant, tile_q, tile_k))
+    torch.testing.assert_close(out, attention_ref(q, k, v, attn_mask=mask, enable_gqa=True))

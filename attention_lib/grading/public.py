@@ -12,14 +12,23 @@ masked rows, all against the float64 oracle.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from ..attention import attention_ref
 from ..softmax import softmax as _softmax_ref
-from .testing import (CheckFailure, call, expect_close, expect_tensor, get_function, measure_call, random_qkv,
-                      renormalise_hint, weight)
+from .testing import (
+    CheckFailure,
+    call,
+    expect_close,
+    expect_tensor,
+    get_function,
+    measure_call,
+    random_qkv,
+    renormalise_hint,
+    weight,
+)
 
 __all__ = ["PUBLIC", "public"]
 

@@ -18,7 +18,8 @@ Only torch is imported here, so the checks run wherever attention_lib runs (Cola
 from __future__ import annotations
 
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

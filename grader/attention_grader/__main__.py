@@ -93,8 +93,32 @@ def _grade(args) -> int:
     return 1 if problems else 0
 
 
+# Import names that differ from what to pip install.
+_PIP_NAMES = {"yaml": "PyYAML", "zmq": "pyzmq", "attention_lib": "attention-lib"}  # the last: not on PyPI
+
+
+def _missing(cmd: str, exc: ModuleNotFoundError) -> int:
+    """A dependency of the grader is not installed: say what to install, not a traceback."""
+    name = (exc.name or "").split(".")[0]
+    pip_name = _PIP_NAMES.get(name, name)
+    just = "" if name == "attention_lib" else f"\nor install just that one: pip install {pip_name}"
+    print(f"{cmd}: the autograder needs the package {pip_name!r} (import {name}), which is not installed.\n"
+          "Install the grader with its dependencies, from the root of a clone of the course repository:\n"
+          f"  pip install -e . -e grader{just}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except ModuleNotFoundError as exc:
+        if not exc.name or exc.name.split(".")[0] == "attention_grader":
+            raise  # our own module missing is a bug, not an installation problem
+        return _missing(args.cmd, exc)
+
+
+def _run(args) -> int:
     if args.cmd == "assign":
         from .assign import AssignError, assign
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import pathlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from attention_lib.grading.public import PUBLIC
 
@@ -61,7 +61,7 @@ class Autograder:
         return sum(q.points for q in self.questions)
 
     @classmethod
-    def load(cls, folder) -> "Autograder":
+    def load(cls, folder) -> Autograder:
         folder = pathlib.Path(folder).resolve()
         meta = json.loads((folder / "assignment.json").read_text())
         name = meta["assignment"]

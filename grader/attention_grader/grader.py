@@ -24,13 +24,10 @@ import os
 import pathlib
 import re
 import shutil
-import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-
-import torch
 
 from attention_lib.grading.testing import CheckFailure
 

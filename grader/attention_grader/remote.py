@@ -247,7 +247,7 @@ class _RemoteGrad(torch.autograd.Function):
 class RemoteFunction:
     """The student's function ``name``, called in the kernel."""
 
-    def __init__(self, ns: "RemoteNamespace", name: str, info: dict):
+    def __init__(self, ns: RemoteNamespace, name: str, info: dict):
         self._ns, self.__name__, self.info = ns, name, info
 
     def __repr__(self) -> str:

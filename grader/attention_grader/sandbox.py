@@ -82,7 +82,7 @@ class Cgroup:
         self.dirs, self.version = dirs, version
 
     @classmethod
-    def create(cls, limits: "Limits", tag: str) -> "Cgroup | None":
+    def create(cls, limits: Limits, tag: str) -> Cgroup | None:
         name = f"attention-grader-{os.getpid()}-{tag}"
         try:
             if (cls.ROOT / "memory" / "memory.limit_in_bytes").exists() and (cls.ROOT / "pids").is_dir():

@@ -1,0 +1,1 @@
+"""Recorded benchmark sweeps (CSV with provenance), read by :mod:`attention_lib.results`."""
