@@ -63,6 +63,11 @@ def _check_inputs(query, key) -> None:
             )
         if not t.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if key.dtype != query.dtype or key.device != query.device:
+        raise ValueError(
+            f"query and key must share one dtype and device; got query {query.dtype} on {query.device}, "
+            f"key {key.dtype} on {key.device}"
+        )
 
 
 def _check_weight(name: str, w, shape: tuple, like: torch.Tensor, what: str) -> None:

@@ -29,6 +29,7 @@ The work is proportional to the number of non-empty tiles:
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple, Protocol, cast
 
 import torch
@@ -112,6 +113,7 @@ class TableMaskMod(Protocol):
     """A mask_mod that carries its unit-level pattern: ``table`` (n, n) bool (BigBird's draw)."""
 
     table: torch.Tensor
+    seq_len: int
 
     def __call__(self, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor: ...
 
@@ -173,7 +175,18 @@ def bigbird_mask_mod(
 
     mod = cast(TableMaskMod, bigbird_mod)  # a plain function, so that flex_attention can trace it
     mod.table = table
+    mod.seq_len = seq_len
     return mod
+
+
+def _check_pattern_length(mask_mod, Q_LEN: int, KV_LEN: int) -> None:
+    """A mask_mod drawn for ``seq_len`` positions (BigBird's) cannot cover longer sequences."""
+    seq_len = getattr(mask_mod, "seq_len", None)
+    if seq_len is not None and max(Q_LEN, KV_LEN) > seq_len:
+        raise ValueError(
+            f"mask_mod was drawn for seq_len={seq_len} positions but the lengths are "
+            f"(L, S) = ({Q_LEN}, {KV_LEN}); draw it again with seq_len >= {max(Q_LEN, KV_LEN)}"
+        )
 
 
 # ----------------------------------------------------------------------------------
@@ -229,8 +242,14 @@ def block_mask_from_mask_mod(
     """
     if not callable(mask_mod):
         raise ValueError(f"mask_mod must be a function (b, h, q_idx, kv_idx) -> bool, got {type(mask_mod).__name__}")
+    if isinstance(BLOCK_SIZE, tuple) and len(BLOCK_SIZE) != 2:
+        raise ValueError(f"BLOCK_SIZE must be an int or a pair (BLOCK_M, BLOCK_N), got {BLOCK_SIZE!r}")
     bm, bn = (BLOCK_SIZE, BLOCK_SIZE) if not isinstance(BLOCK_SIZE, tuple) else BLOCK_SIZE
     bm, bn = check_positive_int("BLOCK_SIZE", bm), check_positive_int("BLOCK_SIZE", bn)
+    for name, n in (("Q_LEN", Q_LEN), ("KV_LEN", KV_LEN)):
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {n!r}")
+    _check_pattern_length(mask_mod, Q_LEN, KV_LEN)
     dense = create_mask(mask_mod, B, H, Q_LEN, KV_LEN, device)  # (B, H, L, S) bool
     nq, nk = -(-Q_LEN // bm), -(-KV_LEN // bn)
     pad = (0, nk * bn - KV_LEN, 0, nq * bm - Q_LEN)
@@ -249,7 +268,14 @@ def block_sparse_flops(table: BlockTable, D: int, Dv: int | None = None, heads: 
     ``2·m·n·Dv`` for ``PV`` (multiply-adds count 2). Edge tiles are counted at
     their real size. ``heads``/``batch`` multiply a table that broadcasts over them.
     """
+    if not isinstance(table, BlockTable):
+        raise ValueError(f"table must be a BlockTable from block_mask_from_mask_mod, got {type(table).__name__}")
     Dv = D if Dv is None else Dv
+    for name, n in (("D", D), ("Dv", Dv)):
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+            raise ValueError(f"{name} must be a non-negative int (0 counts the other product only), got {n!r}")
+    check_positive_int("heads", heads)
+    check_positive_int("batch", batch)
     ne = table.nonempty  # (B, H, nq, nk)
     nq, nk = ne.shape[-2:]
     rows = torch.full((nq,), table.BLOCK_M)
@@ -380,6 +406,8 @@ def block_sparse_attention(
     B, H, L, _ = args.query.shape
     S = args.key.shape[2]
     if block_mask is None:
+        if mask_mod is not None:
+            _check_pattern_length(mask_mod, L, S)
         mods = [m for m in (mask_mod, causal if is_causal else None) if m is not None]
         if not mods:
             mods = [lambda b, h, q_idx, kv_idx: torch.ones((), dtype=torch.bool)]

@@ -146,6 +146,11 @@ class AttentionOnlyTransformer(nn.Module):
             raise ValueError(f"tokens must be int64 of shape (B, L), got {tokens.dtype} {tuple(tokens.shape)}")
         if tokens.shape[1] > self.max_len:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_len={self.max_len}")
+        vocab = self.embed.num_embeddings
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+            raise ValueError(
+                f"tokens must lie in 0 .. {vocab - 1} (vocab_size={vocab}); got {int(tokens.min())} .. {int(tokens.max())}"
+            )
         x = self.embed(tokens) + self.pos.weight[: tokens.shape[1]]  # (B, L, E): the residual stream
         for norm, attn in zip(self.norms, self.attn):
             x = x + attn(norm(x), is_causal=True)  # each head adds what it read

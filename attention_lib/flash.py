@@ -22,7 +22,7 @@ Only ``O`` and the log-sum-exp ``lse`` (one number per query) are saved for the
 backward pass, which recomputes each tile's probabilities from them:
 
     P = exp(S - lse)         dV_j += Pᵀ dO_i         dP = dO_i V_jᵀ
-    D = rowsum(dO ∘ O)       dS = P ∘ (dP - D)
+    Δ = rowsum(dO ∘ O)       dS = P ∘ (dP - Δ)
     dQ_i += dS K_j · scale   dK_j += dSᵀ Q_i · scale
 
 Memory: ``O(L · D)`` for inputs, outputs and statistics, plus one tile of
@@ -166,7 +166,7 @@ def _attn_bwd(q, k, v, mask, o, lse, do, is_causal, scale, BLOCK_M, BLOCK_N, nee
         (for a float mask that requires grad), else None.
     """
     L, S = q.shape[-2], k.shape[-2]
-    D = (do * o).sum(dim=-1)  # (B, Hkv, n_rep, L): rowsum(dO ∘ O) = rowsum(P ∘ dP)
+    delta = (do * o).sum(dim=-1)  # (B, Hkv, n_rep, L): rowsum(dO ∘ O) = rowsum(P ∘ dP)
     lse = torch.where(lse == float("-inf"), torch.zeros_like(lse), lse)  # masked rows: P = exp(-inf) = 0
     dq = torch.zeros_like(q)
     dk = k.new_zeros(k.shape[0], k.shape[1], S, k.shape[-1])  # (B, Hkv, S, D)
@@ -188,7 +188,7 @@ def _attn_bwd(q, k, v, mask, o, lse, do, is_causal, scale, BLOCK_M, BLOCK_N, nee
             p = torch.exp(s - lse[..., q0:q1].unsqueeze(-1))  # recomputed probabilities
             dv_j += torch.einsum("bgrmn,bgrmd->bgnd", p, do_i)  # Pᵀ dO, summed over the GQA group
             dp = do_i @ v_j.transpose(-2, -1)  # (B, Hkv, n_rep, BLOCK_M, BLOCK_N)
-            ds = p * (dp - D[..., q0:q1].unsqueeze(-1))  # softmax backward
+            ds = p * (dp - delta[..., q0:q1].unsqueeze(-1))  # softmax backward
             dq[..., q0:q1, :] += (ds @ k_j) * scale
             dk_j += torch.einsum("bgrmn,bgrmd->bgnd", ds, q_i) * scale
             if ds_full is not None:
@@ -241,7 +241,7 @@ class _FlashAttention(torch.autograd.Function):
         o, lse = _attn_fwd(q, k, v, mask, is_causal, scale, BLOCK_M, BLOCK_N)
         B, Hq, L, _ = query.shape
         out = o.reshape(B, Hq, L, v.shape[-1]).to(query.dtype)  # (B, Hq, L, Ev)
-        # o is saved in the accumulation dtype: D = rowsum(dO ∘ O) from a float16/bfloat16
+        # o is saved in the accumulation dtype: Δ = rowsum(dO ∘ O) from a float16/bfloat16
         # copy of O would add its rounding error to every dS (PyTorch's math backward has none)
         ctx.save_for_backward(query, key, value, attn_mask, o, lse)
         ctx.args = (is_causal, scale, BLOCK_M, BLOCK_N)

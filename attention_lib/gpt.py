@@ -76,7 +76,10 @@ class CharTokenizer:
 
     def decode(self, ids) -> str:
         """Token ids (a 1-D tensor or a list) -> the string."""
-        ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(self.chars)]
+        if bad:
+            raise ValueError(f"token ids must be ints in 0 .. {len(self.chars) - 1}; got {bad[:5]!r}")
         return "".join(self.chars[i] for i in ids)
 
 
@@ -119,6 +122,15 @@ class GPTConfig:
             raise ValueError(f"gelu_approximate must be 'tanh' or 'none', got {self.gelu_approximate!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if self.n_kv_head is not None and (
+            isinstance(self.n_kv_head, bool)
+            or not isinstance(self.n_kv_head, int)
+            or self.n_kv_head < 1
+            or self.n_head % self.n_kv_head
+        ):
+            raise ValueError(f"n_kv_head must be a positive int dividing n_head ({self.n_head}), got {self.n_kv_head!r}")
 
     @classmethod
     def from_hf_config(cls, hf_config) -> GPTConfig:
@@ -247,6 +259,9 @@ class GPT(nn.Module):
         T = idx.shape[1]
         if start + T > self.config.block_size:
             raise ValueError(f"{start} cached + {T} new positions exceed block_size={self.config.block_size}")
+        V = self.config.vocab_size
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= V):
+            raise ValueError(f"token ids must lie in 0 .. {V - 1} (vocab_size={V}); got {int(idx.min())} .. {int(idx.max())}")
         pos = torch.arange(start, start + T, device=idx.device)  # (T,)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, E)
         for i, block in enumerate(self.h):

@@ -152,6 +152,8 @@ def nadaraya_watson_weights(
             scores = scores.masked_fill(~attn_mask, -math.inf)
         else:
             scores = scores + attn_mask.to(scores.dtype)
+    if scores.shape[-1] == 0:  # no observations at all: no key is within reach of any query
+        return scores.new_zeros(scores.shape)
     return softmax(scores, dim=-1)
 
 

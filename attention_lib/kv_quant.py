@@ -69,6 +69,17 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
         (..., ceil(n · bits / 8)) uint8; code ``i`` of a byte sits in bits ``i·b .. i·b + b - 1``.
     """
     bits = _check_bits(bits)
+    if not isinstance(codes, torch.Tensor) or codes.dim() < 1 or codes.is_floating_point() or codes.is_complex():
+        raise ValueError(f"codes must be an integer tensor (..., n), got {_shape(codes)}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
+        raise ValueError(
+            f"codes must lie in 0 .. {2**bits - 1} for bits={bits}; got {int(codes.min())} .. {int(codes.max())}"
+        )
+    return _pack(codes, bits)
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`pack_bits` without the argument checks (codes known to be in range)."""
     per = 8 // bits
     n = codes.shape[-1]
     pad = -n % per
@@ -83,6 +94,11 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: (..., bytes) uint8 -> (..., n) uint8 codes."""
     bits = _check_bits(bits)
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() < 1:
+        raise ValueError(f"packed must be a uint8 tensor (..., bytes), got {_shape(packed)}")
+    per = 8 // bits
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= packed.shape[-1] * per:
+        raise ValueError(f"n must be an int in 0 .. {packed.shape[-1] * per} for packed {_shape(packed)}, got {n!r}")
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)  # (per,)
     codes = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)  # (..., bytes, per)
     return codes.flatten(-2)[..., :n]
@@ -184,7 +200,7 @@ def quantize(
         s = scale.to(work)
         codes = torch.where(s > 0, (xf - zero.to(work)) / s.clamp(min=tiny), 0.0).round().clamp(0, levels)
     codes = codes.reshape(x.shape)  # undo the grouping
-    return Quantized(pack_bits(codes, bits), scale, zero, bits, tuple(x.shape), dim, group_size, x.dtype)
+    return Quantized(_pack(codes, bits), scale, zero, bits, tuple(x.shape), dim, group_size, x.dtype)
 
 
 def dequantize(q: Quantized) -> torch.Tensor:
@@ -258,6 +274,12 @@ def bytes_per_token(
     full-precision tail of an incomplete key group is not counted (it is at most
     ``group_size - 1`` tokens). A rotation costs nothing per token.
     """
+    check_positive_int("head_dim", head_dim)
+    check_positive_int("num_kv_heads", num_kv_heads)
+    check_positive_int("num_layers", num_layers)
+    check_positive_int("scale_bytes", scale_bytes)
+    if bits is not None and key_axis == "channel":
+        check_positive_int("group_size", group_size)
     if bits is None:
         per_head: float = 2 * head_dim * scale_bytes
     else:
@@ -312,6 +334,8 @@ class QuantizedKVCache:
         scale_dtype: torch.dtype = torch.float16,
     ):
         self.bits = _check_bits(bits)
+        for name, value in (("batch_size", batch_size), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+            check_positive_int(name, value)
         if key_axis not in ("channel", "token"):
             raise ValueError(f"key_axis must be 'channel' or 'token', got {key_axis!r}")
         if rotation is not None and tuple(rotation.shape) != (head_dim, head_dim):
@@ -407,6 +431,19 @@ def attention_errors(
         averaged (the fraction of attention mass moved, 0..1);
         ``output``: ``‖ô - o‖ / ‖o‖``.
     """
+    tensors = dict(query=query, key=key, value=value, key_hat=key_hat, value_hat=value_hat)
+    if any(not isinstance(t, torch.Tensor) or t.dim() < 2 for t in tensors.values()):
+        raise ValueError("query, key, value, key_hat and value_hat must be tensors (..., L or S, D)")
+    if (
+        key_hat.shape != key.shape
+        or value_hat.shape != value.shape
+        or key.shape[-1] != query.shape[-1]
+        or key.shape[:-1] != value.shape[:-1]
+    ):
+        raise ValueError(
+            "attention_errors expects query (..., L, D), key and key_hat (..., S, D), value and value_hat "
+            "(..., S, Dv); got " + ", ".join(f"{name} {_shape(t)}" for name, t in tensors.items())
+        )
     q, k, v, kh, vh = (t.double() for t in (query, key, value, key_hat, value_hat))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     s, sh = q @ k.transpose(-2, -1) * scale, q @ kh.transpose(-2, -1) * scale  # (B, H, L, S)

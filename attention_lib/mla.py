@@ -34,6 +34,7 @@ import math
 import torch
 from torch import nn
 
+from ._checks import check_positive_int
 from .attention import scaled_dot_product_attention
 from .kv_cache import KVCache
 from .masks import cache_causal_mask
@@ -56,6 +57,13 @@ def mla_cache_bytes(
     MLA caches as many numbers per token as GQA with ``(d_c + d_R) / (2 D)`` key/value
     heads (2.25 for DeepSeek-V2).
     """
+    sizes = dict(num_layers=num_layers, kv_latent_dim=kv_latent_dim, seq_len=seq_len, batch_size=batch_size)
+    for name, value in sizes.items():
+        check_positive_int(name, value)
+    if isinstance(rope_dim, bool) or not isinstance(rope_dim, int) or rope_dim < 0:
+        raise ValueError(f"rope_dim must be a non-negative int, got {rope_dim!r}")
+    if isinstance(bytes_per_value, bool) or not isinstance(bytes_per_value, (int, float)) or not bytes_per_value > 0:
+        raise ValueError(f"bytes_per_value must be a positive number, got {bytes_per_value!r}")
     return int(num_layers * batch_size * seq_len * (kv_latent_dim + rope_dim) * bytes_per_value)
 
 
@@ -100,6 +108,9 @@ class MultiHeadLatentAttention(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if isinstance(rope_dim, bool) or not isinstance(rope_dim, int) or rope_dim < 2 or rope_dim % 2:
             raise ValueError(f"rope_dim must be a positive even int (RoPE rotates pairs), got {rope_dim!r}")
+        for name, optional in (("q_latent_dim", q_latent_dim), ("v_head_dim", v_head_dim)):
+            if optional is not None:
+                check_positive_int(name, optional)
         H, D = num_heads, head_dim
         Dv = D if v_head_dim is None else int(v_head_dim)
         self.embed_dim, self.num_heads, self.head_dim, self.v_head_dim = embed_dim, H, D, Dv
@@ -179,6 +190,8 @@ class MultiHeadLatentAttention(nn.Module):
         """
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must be (B, L, E={self.embed_dim}), got shape {tuple(getattr(x, 'shape', ()))}")
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
         if kv_cache is not None and (kv_cache.num_kv_heads, kv_cache.head_dim, kv_cache.value_dim) != (
             1, self.rope_dim, self.kv_latent_dim
         ):

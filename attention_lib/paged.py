@@ -85,6 +85,8 @@ class BlockAllocator:
         return len(self._free)
 
     def ref_count(self, block: int) -> int:
+        if isinstance(block, bool) or not isinstance(block, int) or not 0 <= block < self.num_blocks:
+            raise ValueError(f"block must be an int in 0 .. {self.num_blocks - 1}, got {block!r}")
         return self._ref[block]
 
     def allocate(self, n: int = 1, what: str = "") -> list[int]:
@@ -154,7 +156,9 @@ class PagedKVCache:
         self.blocks = BlockAllocator(num_blocks)
         self.num_blocks, self.block_size = num_blocks, block_size
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
-        self.value_dim = head_dim if value_dim is None else int(value_dim)
+        if value_dim is not None and (isinstance(value_dim, bool) or not isinstance(value_dim, int) or value_dim < 1):
+            raise ValueError(f"value_dim must be a positive int or None (= head_dim), got {value_dim!r}")
+        self.value_dim = head_dim if value_dim is None else value_dim
         self.dtype, self.device = dtype, torch.device(device)
         self.k_pool = torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=self.device)
         self.v_pool = torch.zeros(num_blocks, block_size, num_kv_heads, self.value_dim, dtype=dtype, device=self.device)
@@ -462,6 +466,10 @@ def random_requests(n: int, max_len: int, *, seed: int = 0) -> list[Request]:
 
     So every request fits in ``max_len`` tokens; deterministic for a given ``seed``.
     """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n (the number of requests) must be a non-negative int, got {n!r}")
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 2:
+        raise ValueError(f"max_len must be an int >= 2 (a prompt and an output of at least 1 token), got {max_len!r}")
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(1, max_len // 2 + 1, (n, 2), generator=g)
     return [Request(int(p), int(o)) for p, o in lens]
@@ -562,7 +570,14 @@ def simulate_serving(
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     if not 0.0 <= watermark < 1.0:
         raise ValueError(f"watermark must be in [0, 1), got {watermark!r}")
-    max_len = max(r.total for r in requests) if max_len is None else max_len
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    requests = list(requests)
+    if not all(isinstance(r, Request) for r in requests):
+        bad = next(r for r in requests if not isinstance(r, Request))
+        raise ValueError(f"requests must be Request objects (see random_requests), got a {type(bad).__name__}: {bad!r}")
+    if max_len is None:
+        max_len = max((r.total for r in requests), default=1)
     if any(r.total > max_len for r in requests) or any(r.prompt_len < 1 or r.output_len < 1 for r in requests):
         raise ValueError(f"every request needs prompt_len, output_len >= 1 and prompt_len + output_len <= max_len = {max_len}")
     if capacity < max_len:

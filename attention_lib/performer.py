@@ -110,12 +110,16 @@ def favor_features(
             f"projection must have shape (m, D) with D = x.shape[-1]; got projection "
             f"{_shape(projection)} and x {_shape(x)}"
         )
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
     if stabilizer not in STABILIZERS:
         raise ValueError(f"stabilizer must be one of {STABILIZERS}, got {stabilizer!r}")
     m = projection.shape[0]
     wx = x @ projection.to(x.dtype).T  # (..., L, m)
     logits = wx - 0.5 * (x * x).sum(dim=-1, keepdim=True)  # (..., L, m): log of √m·φ(x)
-    if stabilizer == "row":
+    if logits.numel() == 0:  # no rows (or no features): nothing to shift
+        pass
+    elif stabilizer == "row":
         logits = logits - logits.amax(dim=-1, keepdim=True)
     elif stabilizer == "all":
         logits = logits - logits.amax(dim=(-2, -1), keepdim=True)

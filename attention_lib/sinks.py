@@ -118,6 +118,9 @@ class SinkKVCache:
 
     def new_mask(self, q_len: int) -> torch.Tensor | None:
         """Bool mask (1, 1, q_len, S) of the last ``q_len`` tokens over the held keys, or None if all visible."""
+        check_positive_int("q_len", q_len)
+        if q_len > self.seen:
+            raise ValueError(f"q_len ({q_len}) exceeds the {self.seen} tokens this cache has seen")
         q_pos = torch.arange(self.seen - q_len, self.seen).view(1, 1, q_len, 1)
         k_pos = self.token_positions.view(1, 1, 1, -1)
         zero = torch.zeros((), dtype=torch.long)  # batch and head indices: the mask ignores them

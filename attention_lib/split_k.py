@@ -42,6 +42,9 @@ def split_bounds(S: int, num_splits: int) -> list[int]:
     >>> split_bounds(7, 3)
     [0, 2, 4, 7]
     """
+    num_splits = check_positive_int("num_splits", num_splits)
+    if isinstance(S, bool) or not isinstance(S, int) or S < 0:
+        raise ValueError(f"S (the number of keys) must be a non-negative int, got {S!r}")
     return [s * S // num_splits for s in range(num_splits + 1)]
 
 

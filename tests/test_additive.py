@@ -343,3 +343,21 @@ def test_bad_input_raises_clear_errors():
     for fn, pattern in cases:
         with pytest.raises(ValueError, match=pattern):
             fn()
+
+
+def test_scores_reject_a_key_of_another_dtype_and_empty_keys_give_zero():
+    # Found in review: additive_scores/multiplicative_scores raised torch's RuntimeError
+    # ("expected m1 and m2 to have the same dtype"), additive_attention silently cast the key,
+    # and nadaraya_watson with no observations raised an IndexError from amax.
+    q, k, v = make_qkv(1, 2, 5, 6, 4)
+    params = make_params(4, 4, 6)
+    for fn in (
+        lambda: additive_scores(q, k.double(), **params),
+        lambda: additive_attention(q, k.double(), v, **params),
+        lambda: multiplicative_scores(q, k.double()),
+    ):
+        with pytest.raises(ValueError, match=r"query and key must share one dtype.*float64"):
+            fn()
+    x = torch.randn(7)
+    assert torch.equal(nadaraya_watson(x, x[:0], x[:0], 0.5), torch.zeros(7))
+    assert torch.equal(nadaraya_watson_weights(x, x[:0], 0.5), torch.zeros(7, 0))

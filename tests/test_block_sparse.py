@@ -272,3 +272,29 @@ def test_bad_attention_arguments():
     with pytest.raises(ValueError, match="dropout"):
         block_sparse_attention(q, k, v, dropout_p=0.1, mask_mod=masks.causal)
     assert isinstance(table, BlockTable)
+
+
+def test_argument_checks_found_in_review():
+    # A BigBird pattern drawn for 10 positions used on 20 raised an IndexError deep in
+    # create_mask; a negative length raised torch's "upper bound and lower bound" error;
+    # a 3-tuple BLOCK_SIZE said "too many values to unpack"; block_sparse_flops took D = 0.
+    short = bigbird_mask_mod(1, 1, 1, torch.Generator().manual_seed(0), seq_len=10)
+    q, k, v = make_qkv(1, 1, 20, 20, 4)
+    with pytest.raises(ValueError, match=r"seq_len=10.*\(L, S\) = \(20, 20\)"):
+        block_sparse_attention(q, k, v, mask_mod=short)
+    with pytest.raises(ValueError, match="seq_len=10"):
+        block_mask_from_mask_mod(short, None, None, 20, 20, 4)
+    with pytest.raises(ValueError, match="Q_LEN must be a non-negative int"):
+        block_mask_from_mask_mod(masks.causal, None, None, -1, 8, 4)
+    with pytest.raises(ValueError, match=r"BLOCK_SIZE must be an int or a pair"):
+        block_mask_from_mask_mod(masks.causal, None, None, 8, 8, (2, 2, 2))
+    table = block_mask_from_mask_mod(masks.causal, None, None, 8, 8, 4)
+    with pytest.raises(ValueError, match="D must be a non-negative int"):
+        block_sparse_flops(table, -1)
+    with pytest.raises(ValueError, match="heads must be a positive integer"):
+        block_sparse_flops(table, 4, heads=0)
+    with pytest.raises(ValueError, match="BlockTable"):
+        block_sparse_flops(torch.ones(2, 2), 4)
+    # The pattern still works on lengths up to its seq_len.
+    out = block_sparse_attention(*make_qkv(1, 1, 10, 10, 4), mask_mod=short, BLOCK_SIZE=4)
+    assert torch.isfinite(out).all()

@@ -232,6 +232,8 @@ def test_model_errors():
         AttentionOnlyTransformer(0, 10)
     with pytest.raises(ValueError), model.ablated([(2, 0)]):
         pass
+    with pytest.raises(ValueError, match=r"tokens must lie in 0 \.\. 10 \(vocab_size=11\); got 0 \.\. 11"):
+        model(torch.tensor([[0, 11]]))
 
 
 def test_ablation_zeroes_one_head_and_restores():

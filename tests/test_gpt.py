@@ -190,12 +190,17 @@ def test_top_p_by_hand():
         (lambda: tiny()(torch.zeros(2, 3, dtype=torch.long), caches=[]), r"one KVCache per layer \(2\), got 0"),
         (lambda: GPTConfig(vocab_size=0), r"vocab_size must be a positive int, got 0"),
         (lambda: GPTConfig(vocab_size=10, gelu_approximate="fast"), r"gelu_approximate must be 'tanh' or 'none'"),
-        (lambda: GPT(GPTConfig(vocab_size=10, n_embd=30, n_head=4)), r"embed_dim \(30\) must be a positive multiple of num_heads \(4\)"),
+        (lambda: GPTConfig(vocab_size=10, n_embd=30, n_head=4), r"n_embd \(30\) must be a multiple of n_head \(4\)"),
+        (lambda: GPTConfig(vocab_size=10, n_head=4, n_kv_head=3), r"n_kv_head must be a positive int dividing n_head \(4\), got 3"),
+        (lambda: tiny()(torch.full((2, 3), 10 ** 6)), r"token ids must lie in 0 \.\. \d+ \(vocab_size=\d+\); got 1000000"),
+        (lambda: tiny()(torch.full((2, 3), -1)), r"token ids must lie in 0 \.\. \d+.*got -1"),
+        (lambda: CharTokenizer("abc").decode([0, 3]), r"token ids must be ints in 0 \.\. 2; got \[3\]"),
         (lambda: load_text("hamlet"), r"name must be one of \['persuasion'\]"),
         (lambda: CharTokenizer("abc").encode("abz"), r"characters not in the vocabulary: \['z'\]"),
     ],
     ids=["k=0", "k float", "p=0", "p>1", "int logits", "T<0", "T nan", "rank 1", "generate top_k", "negative steps",
-         "float idx", "too long", "caches", "vocab 0", "gelu", "heads", "text", "tokenizer"],
+         "float idx", "too long", "caches", "vocab 0", "gelu", "heads", "kv heads", "token too large",
+         "negative token", "decode", "text", "tokenizer"],
 )
 def test_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):

@@ -161,3 +161,20 @@ def test_bad_arguments():
         QuantizedKVCache(1, 1, 8, bits=4, rotation=torch.eye(4))
     with pytest.raises(ValueError, match="expects key"):
         QuantizedKVCache(1, 1, 8, bits=4).update(torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8))
+    with pytest.raises(ValueError, match="head_dim must be a positive integer, got 0"):
+        QuantizedKVCache(1, 2, 0, bits=4)
+    with pytest.raises(ValueError, match=r"codes must lie in 0 \.\. 15 for bits=4; got 0 \.\. 20"):
+        pack_bits(torch.tensor([0, 20]), 4)
+    with pytest.raises(ValueError, match="integer tensor"):
+        pack_bits(torch.zeros(4), 4)
+    with pytest.raises(ValueError, match=r"n must be an int in 0 \.\. 4"):
+        unpack_bits(torch.zeros(2, dtype=torch.uint8), 4, 10)
+    with pytest.raises(ValueError, match="head_dim"):
+        bytes_per_token(0, 4)
+    with pytest.raises(ValueError, match="group_size"):
+        bytes_per_token(16, 4, group_size=0)
+    q, k = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4)
+    with pytest.raises(ValueError, match=r"key_hat \(1, 2, 6, 4\)"):
+        attention_errors(q, k, k, torch.randn(1, 2, 6, 4), k)
+    with pytest.raises(ValueError, match="attention_errors expects"):
+        attention_errors(torch.randn(1, 2, 3, 8), k, k, k, k)

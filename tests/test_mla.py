@@ -102,3 +102,14 @@ def test_bad_arguments():
     from attention_lib import KVCache
     with pytest.raises(ValueError, match="new_cache"):
         m(torch.zeros(1, 3, 16), kv_cache=KVCache(1, 2, 8))
+    with pytest.raises(ValueError, match="floating-point"):
+        m(torch.zeros(1, 3, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match="v_head_dim must be a positive integer, got 0"):
+        MultiHeadLatentAttention(16, 2, 8, 4, 2, v_head_dim=0)
+    with pytest.raises(ValueError, match="q_latent_dim must be a positive integer, got 2.5"):
+        MultiHeadLatentAttention(16, 2, 8, 4, 2, q_latent_dim=2.5)
+    from attention_lib.mla import mla_cache_bytes
+    with pytest.raises(ValueError, match="num_layers"):
+        mla_cache_bytes(0, 512, 64, 10)
+    with pytest.raises(ValueError, match="rope_dim"):
+        mla_cache_bytes(2, 512, -1, 10)

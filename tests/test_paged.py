@@ -314,3 +314,34 @@ def test_a_watermark_trades_a_little_batch_for_fewer_preemptions():
     assert careful.mean("running") <= eager.mean("running")
     with pytest.raises(ValueError, match="watermark"):
         simulate_serving(reqs, 2048, "paged", max_len=256, watermark=1.0)
+
+
+def test_argument_checks_found_in_review():
+    # value_dim=0 or 2.5 were accepted (and -3 raised torch's "negative dimension"),
+    # ref_count(100) raised IndexError, random_requests(3, 1) a RuntimeError, and
+    # simulate_serving(block_size=0) a ZeroDivisionError.
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="value_dim must be a positive int"):
+            PagedKVCache(4, 4, 2, 8, value_dim=bad)
+    with pytest.raises(ValueError, match=r"block must be an int in 0 \.\. 3"):
+        PagedKVCache(4, 4, 2, 8).ref_count(100)
+    with pytest.raises(ValueError, match="max_len must be an int >= 2"):
+        random_requests(3, 1)
+    with pytest.raises(ValueError, match="n .* non-negative"):
+        random_requests(-3, 10)
+    reqs = random_requests(5, 32, seed=0)
+    with pytest.raises(ValueError, match="block_size must be a positive int"):
+        simulate_serving(reqs, 256, "paged", block_size=0)
+    with pytest.raises(ValueError, match="Request objects"):
+        simulate_serving([(1, 2)], 256, "paged")
+    assert simulate_serving([], 256, "paged").steps == 0
+
+
+def test_an_empty_sequence_and_queries_before_the_first_key_give_zero():
+    cache = PagedKVCache(8, 4, 2, 8)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    cache.append(a, torch.randn(2, 6, 8), torch.randn(2, 6, 8))
+    out = paged_attention(torch.randn(2, 2, 1, 8), cache, [a, b])
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and out[0].abs().max() > 0
+    out = paged_attention(torch.randn(1, 2, 8, 8), cache, [a], is_causal=True)  # 8 queries, 6 keys
+    assert torch.equal(out[0, :, :2], torch.zeros_like(out[0, :, :2])) and torch.isfinite(out).all()

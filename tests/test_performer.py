@@ -261,3 +261,14 @@ def test_bad_feature_arguments_raise():
     q, k, v = make_qkv(1, 4, 5, 5, 8, Hkv=2)
     with pytest.raises(ValueError, match="enable_gqa"):
         performer_attention(q, k, v)
+
+
+def test_no_keys_gives_zero_and_integer_features_are_refused():
+    # Found in review: S = 0 raised an IndexError from amax in the "all" stabilizer,
+    # and favor_features exponentiated integer inputs without complaint.
+    q, k, v = make_qkv(1, 2, 5, 6, 8)
+    for causal in (False, True):
+        out = performer_attention(q, k[:, :, :0], v[:, :, :0], is_causal=causal, num_features=16)
+        assert out.shape == (1, 2, 5, 8) and torch.equal(out, torch.zeros_like(out))
+    with pytest.raises(ValueError, match="floating-point"):
+        favor_features(torch.ones(3, 8, dtype=torch.int64), torch.randn(4, 8))

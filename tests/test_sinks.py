@@ -64,3 +64,9 @@ def test_bad_arguments():
         SinkKVCache(1, 1, 4, n_sink=-1, window=4)
     with pytest.raises(ValueError, match="expects key"):
         SinkKVCache(1, 1, 4, window=4).update(torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1, 4))
+    cache = SinkKVCache(1, 1, 4, window=4)
+    cache.update(torch.zeros(1, 1, 3, 4), torch.zeros(1, 1, 3, 4))
+    with pytest.raises(ValueError, match="q_len must be a positive integer"):
+        cache.new_mask(-1)
+    with pytest.raises(ValueError, match=r"q_len \(4\) exceeds the 3 tokens"):
+        cache.new_mask(4)

@@ -159,3 +159,12 @@ def test_equal_splits(num_splits, mask):
     m = dense_mask(mask, 2, 5, 24)
     assert_matches_ref(split_k(num_splits), q, k, v, attn_mask=m, enable_gqa=True)
     assert_matches_ref(split_k(num_splits), q, k, v, is_causal=True, enable_gqa=True)
+
+
+def test_split_bounds_checks_its_arguments():
+    # Found in review: split_bounds(5, 0) raised ZeroDivisionError.
+    with pytest.raises(ValueError, match="num_splits must be a positive integer"):
+        split_bounds(5, 0)
+    with pytest.raises(ValueError, match="S .* non-negative"):
+        split_bounds(-1, 2)
+    assert split_bounds(0, 3) == [0, 0, 0, 0]
