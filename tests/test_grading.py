@@ -31,7 +31,7 @@ from attention_grader.grader import Options, grade_all, read_submission, result_
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COURSEWORK = ROOT / "coursework"
 FIXTURES = ROOT / "tests" / "fixtures" / "grading"
-ASSIGNMENTS = ["a1_softmax", "a2_attention", "a3_tiled"]
+ASSIGNMENTS = ["a1_softmax", "a2_attention", "a3_tiled", "a4_flash_triton", "a5_decoding", "a6_performance"]
 TIMEOUT = 3.0
 HAVE_BWRAP = True
 try:
@@ -87,11 +87,12 @@ def test_assign_hides_solutions_and_hidden_tests(name, tmp_path):
     assert "BEGIN SOLUTION" not in text and "HIDDEN TESTS" not in text and "def test_" not in text
     assert "ASSIGNMENT CONFIG" not in text
     code = "\n".join(c.source for c in student.cells if c.cell_type == "code")
-    assert code.count("...  # YOUR CODE HERE") == 3
-    for q in ("q1", "q2", "q3"):
-        assert f'check("{q}")' in text
     ag = Autograder.load(paths["autograder"])
-    assert [q.name for q in ag.questions] == ["q1", "q2", "q3"]
+    questions = [q.name for q in ag.questions]
+    assert questions == [f"q{i + 1}" for i in range(len(questions))] and len(questions) >= 3
+    assert code.count("...  # YOUR CODE HERE") >= len(questions)  # at least one stub per question
+    for q in questions:
+        assert f'check("{q}")' in text
     assert all(q.functions for q in ag.questions)
     assert all(sum(t.kind == "hidden" for t in q.tests) >= 2 for q in ag.questions)
     committed = nbformat.read(COURSEWORK / name / "student" / f"{name}.ipynb", as_version=4)

@@ -170,7 +170,7 @@ class _Runner:
         self.run.kernel_pids.append(self.kernel.proc.pid)
         inner_io = sandbox.IO_DIR if self.opts.sandbox else str(io)
         self.chan = Channel(self.kernel, io, inner_io, self.opts.timeout)
-        self.ns = RemoteNamespace(self.channel)
+        self.ns = RemoteNamespace(self.channel, cells=self.cells)
         status, info = self.kernel.execute("import torch", min(STARTUP_S, max(5.0, self._left())))
         if status != "ok":
             raise KernelStartError(f"the kernel could not import torch ({status} {info.get('ename', '')}: {info.get('evalue', '')})")

@@ -322,8 +322,9 @@ class RemoteFunction:
 class RemoteNamespace:
     """The notebook's globals as the checks see them: ``name in ns``, ``ns[name]``."""
 
-    def __init__(self, channel_of):
+    def __init__(self, channel_of, cells=()):
         self.channel = channel_of  # a callable: the current kernel's Channel (it may restart)
+        self.cells = tuple(cells)  # the submission's code cells, read from the file here (never run here)
         self._info: dict[str, dict | None] = {}
 
     def _probe(self, name: str):
