@@ -80,7 +80,7 @@ chromium:
 
 # The autograder red-team batch: every attack graded with honest notebooks in one run (part of `make test`).
 test-redteam: venv
-	$(BIN)/python -m pytest tests/test_redteam.py -q -p no:cacheprovider -s
+	$(BIN)/python -m pytest tests/test_redteam.py tests/test_redteam_more.py -q -p no:cacheprovider -s
 
 execute: venv
 	$(BIN)/python scripts/execute_notebooks.py $(NB)
@@ -105,7 +105,7 @@ LOWEST := _build/venv-lowest
 LOWEST_TOOLS := pytest pytest-timeout hypothesis nbval nbclient nbformat ipykernel PyYAML
 LOWEST_NOTEBOOKS := notebooks/05_masking.ipynb notebooks/06_multi_head.ipynb notebooks/10_linear_and_local.ipynb
 # not here: the browser tests, the red team, the GPU run's dry run and the solutions (no version features)
-LOWEST_IGNORE := --ignore=tests/test_site.py --ignore=tests/test_redteam.py --ignore=tests/test_gpu_run.py \
+LOWEST_IGNORE := --ignore=tests/test_site.py --ignore=tests/test_redteam.py --ignore=tests/test_redteam_more.py --ignore=tests/test_gpu_run.py \
                  --ignore=tests/test_solutions.py
 # (not test_sdpa_parity: torch 2.12's own SDPA returns zeros for head dim 0, fixed in 2.13; the base run has it)
 LOWEST_TRITON_TESTS := tests/test_triton_flash.py tests/test_flex.py tests/test_bench.py
